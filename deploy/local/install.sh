@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what the local stack and the tests need, skipping whatever is already there:
+# Debian's mosquitto, victoria-metrics and postgresql-client, and Tansu 0.6.0 (Kafka-compatible
+# broker) from crates.io. Safe to run again.
+set -euo pipefail
+
+need_apt=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+command -v mosquitto_passwd >/dev/null 2>&1 || need_apt+=(mosquitto-clients mosquitto)
+command -v victoria-metrics >/dev/null 2>&1 || need_apt+=(victoria-metrics)
+command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need_apt[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# The Debian package starts a system-wide mosquitto on :1883; the local stack runs its own.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+  systemctl stop mosquitto || true
+fi
+
+if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
+  echo "installing tansu 0.6.0 from crates.io (a ~20 minute release build on 2 cores, once)"
+  cargo install tansu --version 0.6.0 --locked --no-default-features --features dynostore,libsql
+fi
+echo "local stack prerequisites are installed"

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Starts or stops the local stack on loopback only: Tansu (Kafka-compatible broker), Mosquitto (MQTT,
+# password file + per-device ACL) and VictoriaMetrics (InfluxDB line protocol).
+#
+#   deploy/local/stack.sh up | down | status
+#
+# Environment (defaults in brackets):
+#   STACK_DIR [./data/local]   state, logs, pid files and generated configs
+#   KAFKA_PORT [9092]  MQTT_PORT [1883]  VM_PORT [8428]
+#   KAFKA_STORAGE [memory://tansu/]  or sqlite://tansu.db (durable; relative to STACK_DIR)
+#   STACK_VM [1]               0 to skip VictoriaMetrics
+#   MQTT_TOPIC_PATTERN [devices/%u/telemetry]   the ACL pattern devices may publish to
+# Device credentials: lines `device:token` in $STACK_DIR/mqtt-users.plain (see
+# `tributary devices seed --mosquitto-passwd`). The bridge's password is generated into
+# $STACK_DIR/mqtt-bridge.secret (mode 0600) and exported by `eval "$(stack.sh env)"`.
+set -euo pipefail
+
+STACK_DIR=${STACK_DIR:-./data/local}
+KAFKA_PORT=${KAFKA_PORT:-9092}
+MQTT_PORT=${MQTT_PORT:-1883}
+VM_PORT=${VM_PORT:-8428}
+KAFKA_STORAGE=${KAFKA_STORAGE:-memory://tansu/}
+STACK_VM=${STACK_VM:-1}
+MQTT_TOPIC_PATTERN=${MQTT_TOPIC_PATTERN:-devices/%u/telemetry}
+mkdir -p "$STACK_DIR"
+STACK_DIR=$(cd "$STACK_DIR" && pwd)
+
+wait_port() { # port name
+  for _ in $(seq 1 150); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.2
+  done
+  echo "$2 did not open 127.0.0.1:$1; see $STACK_DIR/$2.log" >&2
+  tail -n 20 "$STACK_DIR/$2.log" >&2 || true
+  return 1
+}
+
+start() { # name command...
+  local name=$1; shift
+  if [ -f "$STACK_DIR/$name.pid" ] && kill -0 "$(cat "$STACK_DIR/$name.pid")" 2>/dev/null; then
+    echo "$name already running (pid $(cat "$STACK_DIR/$name.pid"))"
+    return 0
+  fi
+  (cd "$STACK_DIR" && exec setsid "$@" >"$STACK_DIR/$name.log" 2>&1 </dev/null) &
+  echo $! >"$STACK_DIR/$name.pid"
+}
+
+mqtt_config() {
+  local secret="$STACK_DIR/mqtt-bridge.secret"
+  umask 077
+  [ -s "$secret" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret"
+  {
+    echo "tributary-bridge:$(cat "$secret")"
+    [ -f "$STACK_DIR/mqtt-users.plain" ] && cat "$STACK_DIR/mqtt-users.plain"
+  } >"$STACK_DIR/mosquitto.passwd"
+  mosquitto_passwd -U "$STACK_DIR/mosquitto.passwd"
+  cat >"$STACK_DIR/mosquitto.acl" <<ACL
+user tributary-bridge
+topic read ${MQTT_TOPIC_PATTERN//%u/+}
+
+pattern write ${MQTT_TOPIC_PATTERN}
+ACL
+  mkdir -p "$STACK_DIR/mosquitto"
+  cat >"$STACK_DIR/mosquitto.conf" <<CONF
+user $(id -un)
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous false
+password_file $STACK_DIR/mosquitto.passwd
+acl_file $STACK_DIR/mosquitto.acl
+persistence true
+persistence_location $STACK_DIR/mosquitto/
+autosave_interval 1
+max_queued_messages 1000000
+CONF
+}
+
+case "${1:-}" in
+  up)
+    command -v tansu >/dev/null || { echo "tansu is not installed: run deploy/local/install.sh" >&2; exit 1; }
+    start tansu tansu broker \
+      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --storage-engine "$KAFKA_STORAGE"
+    mqtt_config
+    start mosquitto /usr/sbin/mosquitto -c "$STACK_DIR/mosquitto.conf"
+    if [ "$STACK_VM" = 1 ]; then
+      start victoria-metrics victoria-metrics -httpListenAddr "127.0.0.1:$VM_PORT" -storageDataPath "$STACK_DIR/victoria-metrics"
+    fi
+    wait_port "$KAFKA_PORT" tansu
+    wait_port "$MQTT_PORT" mosquitto
+    [ "$STACK_VM" = 1 ] && wait_port "$VM_PORT" victoria-metrics
+    echo "stack up: kafka 127.0.0.1:$KAFKA_PORT, mqtt 127.0.0.1:$MQTT_PORT$([ "$STACK_VM" = 1 ] && echo ", victoria-metrics 127.0.0.1:$VM_PORT") (state in $STACK_DIR)"
+    ;;
+  down)
+    for name in victoria-metrics mosquitto tansu; do
+      if [ -f "$STACK_DIR/$name.pid" ]; then
+        pid=$(cat "$STACK_DIR/$name.pid")
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null || true
+        rm -f "$STACK_DIR/$name.pid"
+      fi
+    done
+    echo "stack down"
+    ;;
+  status)
+    for name in tansu mosquitto victoria-metrics; do
+      if [ -f "$STACK_DIR/$name.pid" ] && kill -0 "$(cat "$STACK_DIR/$name.pid")" 2>/dev/null; then
+        echo "$name: running (pid $(cat "$STACK_DIR/$name.pid"))"
+      else
+        echo "$name: stopped"
+      fi
+    done
+    ;;
+  env)
+    echo "export TRIBUTARY_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT"
+    echo "export TRIBUTARY_MQTT__PORT=$MQTT_PORT"
+    echo "export TRIBUTARY_MQTT__PASSWORD=$(cat "$STACK_DIR/mqtt-bridge.secret")"
+    ;;
+  *)
+    echo "usage: $0 up|down|status|env" >&2
+    exit 2
+    ;;
+esac

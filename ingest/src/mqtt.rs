@@ -1,0 +1,273 @@
+//! The MQTT bridge: subscribes with an MQTT 5 shared subscription to the device telemetry topics and
+//! acknowledges each QoS 1 message, in arrival order, only after Kafka acknowledged its envelope.
+//!
+//! The session is persistent (`clean_start = false` and a session expiry), so messages published
+//! while the bridge is down are delivered when it returns, and unacknowledged ones are redelivered.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tributary_schemas::payload::{self, BodyFormat};
+use tributary_schemas::registry::DeviceRegistry;
+use tributary_schemas::{RawEnvelope, Source, now_micros};
+
+use crate::IngestError;
+use crate::producer::{Pending, RawProducer};
+
+/// `[mqtt]` in the config file.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    pub port: u16,
+    /// Client id of this bridge instance; each instance needs its own.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Device topics; `{device}` marks the segment holding the device id.
+    pub topic_pattern: String,
+    /// Shared subscription group: instances in one group split the load.
+    pub share_group: String,
+    /// How long the broker keeps the bridge's session (and queues its messages) while it is away.
+    pub session_expiry_secs: u32,
+    /// Most unacknowledged messages the broker sends at once.
+    pub receive_maximum: u16,
+}
+
+impl std::fmt::Debug for MqttConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("client_id", &self.client_id)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("topic_pattern", &self.topic_pattern)
+            .field("share_group", &self.share_group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "tributary-bridge-1".into(),
+            username: Some("tributary-bridge".into()),
+            password: None,
+            topic_pattern: "devices/{device}/telemetry".into(),
+            share_group: "tributary".into(),
+            session_expiry_secs: 3600,
+            receive_maximum: 1000,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// The subscription filter: the pattern with `+` for the device, shared by `share_group`.
+    pub fn shared_filter(&self) -> String {
+        format!("$share/{}/{}", self.share_group, self.topic_pattern.replace("{device}", "+"))
+    }
+
+    /// The topic a device publishes to.
+    pub fn device_topic(&self, device: &str) -> String {
+        self.topic_pattern.replace("{device}", device)
+    }
+
+    /// The device id in a topic, if the topic matches the pattern.
+    pub fn device_of<'t>(&self, topic: &'t str) -> Option<&'t str> {
+        let pattern: Vec<&str> = self.topic_pattern.split('/').collect();
+        let parts: Vec<&str> = topic.split('/').collect();
+        if pattern.len() != parts.len() {
+            return None;
+        }
+        let mut device = None;
+        for (p, t) in pattern.iter().zip(&parts) {
+            match *p {
+                "{device}" if !t.is_empty() => device = Some(*t),
+                "+" => {}
+                lit if lit == *t => {}
+                _ => return None,
+            }
+        }
+        device
+    }
+}
+
+/// The bridge from the MQTT broker to the `raw` topic.
+pub struct MqttBridge {
+    config: MqttConfig,
+    registry: Arc<DeviceRegistry>,
+    producer: Arc<RawProducer>,
+}
+
+/// A received message waiting for Kafka's acknowledgement before its PUBACK.
+struct InFlight {
+    publish: Publish,
+    device: String,
+    encoded: Vec<u8>,
+    pending: Pending,
+}
+
+impl MqttBridge {
+    pub fn new(config: MqttConfig, registry: Arc<DeviceRegistry>, producer: Arc<RawProducer>) -> Self {
+        Self {
+            config,
+            registry,
+            producer,
+        }
+    }
+
+    fn envelope(&self, publish: &Publish, device: &str) -> RawEnvelope {
+        let known = self.registry.get(device);
+        let content_type = publish
+            .properties
+            .as_ref()
+            .and_then(|p| p.content_type.as_deref())
+            .and_then(BodyFormat::from_content_type)
+            .unwrap_or(BodyFormat::Json);
+        let id = match content_type {
+            BodyFormat::SenmlJson => None,
+            _ => payload::split_body(BodyFormat::Json, &publish.payload)
+                .ok()
+                .and_then(|mut m| if m.len() == 1 { m.pop().and_then(|m| m.id) } else { None }),
+        };
+        RawEnvelope {
+            event_id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            tenant: known.map(|d| d.tenant.clone()).unwrap_or_default(),
+            device: device.to_owned(),
+            source: Source::Mqtt,
+            received_at: now_micros(),
+            content_type: content_type.message_content_type().to_owned(),
+            payload: publish.payload.to_vec(),
+            subject: known.and_then(|d| d.subject.clone()),
+            encryption_key_id: None,
+        }
+    }
+
+    /// Runs until the task is cancelled. Reconnects on its own.
+    pub async fn run(self) -> Result<(), IngestError> {
+        let mut options = MqttOptions::new(&self.config.client_id, &self.config.host, self.config.port);
+        options
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(self.config.session_expiry_secs))
+            .set_receive_maximum(Some(self.config.receive_maximum))
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(15));
+        if let Some(user) = &self.config.username {
+            options.set_credentials(user.clone(), self.config.password.clone().unwrap_or_default());
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 1024);
+        let filter = self.config.shared_filter();
+        // PUBACKs go out in arrival order: one FIFO, drained by one task.
+        let (tx, mut rx) = mpsc::channel::<InFlight>(self.config.receive_maximum as usize * 2);
+        let acker = {
+            let client = client.clone();
+            let producer = self.producer.clone();
+            tokio::spawn(async move {
+                while let Some(mut f) = rx.recv().await {
+                    let mut backoff = Duration::from_millis(100);
+                    loop {
+                        match f.pending.acked().await {
+                            Ok(_) => break,
+                            Err(e) => {
+                                tracing::warn!(error = %e, device = %f.device, "raw produce failed; holding PUBACK and retrying");
+                                tokio::time::sleep(backoff).await;
+                                backoff = (backoff * 2).min(Duration::from_secs(5));
+                                match producer.enqueue_encoded(&f.device, &f.encoded).await {
+                                    Ok(p) => f.pending = p,
+                                    Err(e) => tracing::warn!(error = %e, "raw produce refused"),
+                                }
+                            }
+                        }
+                    }
+                    if let Err(e) = client.ack(&f.publish).await {
+                        tracing::warn!(error = %e, "cannot queue PUBACK");
+                    }
+                }
+            })
+        };
+        tracing::info!(filter = %filter, host = %self.config.host, port = self.config.port, "mqtt bridge starting");
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    tracing::info!(session_present = ack.session_present, "mqtt bridge connected");
+                    if !ack.session_present {
+                        client
+                            .subscribe(filter.clone(), QoS::AtLeastOnce)
+                            .await
+                            .map_err(|e| IngestError::Mqtt(e.to_string()))?;
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    let device = self.config.device_of(&topic).unwrap_or_default().to_owned();
+                    if device.is_empty() {
+                        tracing::warn!(%topic, "topic does not match mqtt.topic_pattern; recorded with no device");
+                    }
+                    let envelope = self.envelope(&publish, &device);
+                    let encoded = tributary_schemas::avro::encode(&envelope)?;
+                    let pending = loop {
+                        match self.producer.enqueue_encoded(&device, &encoded).await {
+                            Ok(p) => break p,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "raw produce refused; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    };
+                    if publish.qos == QoS::AtMostOnce {
+                        continue;
+                    }
+                    let inflight = InFlight {
+                        publish,
+                        device,
+                        encoded,
+                        pending,
+                    };
+                    if tx.send(inflight).await.is_err() {
+                        return Err(IngestError::Mqtt("acknowledgement task ended".into()));
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if acker.is_finished() {
+                        return Err(IngestError::Mqtt("acknowledgement task ended".into()));
+                    }
+                    tracing::warn!(error = %e, "mqtt connection lost; reconnecting");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_pattern_maps_devices() {
+        let c = MqttConfig::default();
+        assert_eq!(c.shared_filter(), "$share/tributary/devices/+/telemetry");
+        assert_eq!(c.device_of("devices/d-7/telemetry"), Some("d-7"));
+        assert_eq!(c.device_of("devices/d-7/other"), None);
+        assert_eq!(c.device_of("devices//telemetry"), None);
+        assert_eq!(c.device_topic("x"), "devices/x/telemetry");
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let c = MqttConfig {
+            password: Some("hunter2".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

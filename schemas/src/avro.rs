@@ -1,0 +1,296 @@
+//! Avro schemas of every topic, their Rust types, and the Confluent wire format.
+//!
+//! Every Kafka value is `0x00` (magic byte), a 4-byte big-endian schema id, then the Avro binary
+//! datum, so ordinary Kafka tooling with a schema registry can read the topics. The ids are fixed
+//! here ([`SchemaId`]) and a registry can be seeded with the `.avsc` files under `schemas/avro/`.
+
+use std::sync::LazyLock;
+
+use apache_avro::Schema;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+
+use crate::Micros;
+
+/// Errors of encoding or decoding a framed Avro record.
+#[derive(Debug, thiserror::Error)]
+pub enum AvroError {
+    #[error("record is {0} bytes, shorter than the 5-byte Confluent header")]
+    TooShort(usize),
+    #[error("record starts with magic byte {0:#04x}, expected 0x00 (Confluent wire format)")]
+    BadMagic(u8),
+    #[error("record has schema id {found}, expected {expected} ({name})")]
+    WrongSchema {
+        found: u32,
+        expected: u32,
+        name: &'static str,
+    },
+    #[error("avro: {0}")]
+    Avro(#[from] Box<apache_avro::Error>),
+}
+
+impl From<apache_avro::Error> for AvroError {
+    fn from(e: apache_avro::Error) -> Self {
+        AvroError::Avro(Box::new(e))
+    }
+}
+
+/// Where a raw event came in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Mqtt,
+    Http,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Mqtt => "mqtt",
+            Source::Http => "http",
+        }
+    }
+}
+
+/// Topic `raw`: one device message exactly as received. Schema: `schemas/avro/raw_envelope.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawEnvelope {
+    pub event_id: String,
+    pub tenant: String,
+    pub device: String,
+    pub source: Source,
+    pub received_at: Micros,
+    pub content_type: String,
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub payload: Vec<u8>,
+    pub subject: Option<String>,
+    pub encryption_key_id: Option<String>,
+}
+
+/// Where a derived record came from: its raw record and its position among that record's outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Provenance {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub index: i32,
+}
+
+/// Topic `telemetry`: one clean reading. Schema: `schemas/avro/reading.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reading {
+    pub tenant: String,
+    pub device: String,
+    pub metric: String,
+    pub value: f64,
+    pub unit: Option<String>,
+    pub event_time: Micros,
+    pub ingest_time: Micros,
+    pub event_id: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub source_index: i32,
+}
+
+/// Topic `deadletter`: a rejected input with the rule, reason and provenance. Schema:
+/// `schemas/avro/dead_letter.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub tenant: String,
+    pub device: String,
+    pub event_id: Option<String>,
+    pub stage: String,
+    pub rule: String,
+    pub field: Option<String>,
+    pub reason: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub source_index: i32,
+    pub received_at: Micros,
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub original: Vec<u8>,
+}
+
+/// A record type carried on a topic: its schema, its fixed schema id, its provenance.
+pub trait TopicRecord: Serialize + DeserializeOwned {
+    const NAME: &'static str;
+    const SCHEMA_ID: u32;
+    fn schema() -> &'static Schema;
+}
+
+/// Derived records know the raw record they came from.
+pub trait Derived {
+    fn provenance(&self) -> Provenance;
+}
+
+macro_rules! topic_record {
+    ($ty:ty, $name:literal, $id:expr, $file:literal) => {
+        impl TopicRecord for $ty {
+            const NAME: &'static str = $name;
+            const SCHEMA_ID: u32 = $id;
+            fn schema() -> &'static Schema {
+                static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+                    Schema::parse_str(include_str!(concat!("../avro/", $file)))
+                        .expect(concat!($file, " is a valid Avro schema (checked by tests)"))
+                });
+                &SCHEMA
+            }
+        }
+    };
+}
+
+/// Fixed schema ids of the Confluent header.
+pub struct SchemaId;
+impl SchemaId {
+    pub const RAW_ENVELOPE: u32 = 1;
+    pub const READING: u32 = 2;
+    pub const DEAD_LETTER: u32 = 3;
+}
+
+topic_record!(
+    RawEnvelope,
+    "RawEnvelope",
+    SchemaId::RAW_ENVELOPE,
+    "raw_envelope.avsc"
+);
+topic_record!(Reading, "Reading", SchemaId::READING, "reading.avsc");
+topic_record!(
+    DeadLetter,
+    "DeadLetter",
+    SchemaId::DEAD_LETTER,
+    "dead_letter.avsc"
+);
+
+impl Derived for Reading {
+    fn provenance(&self) -> Provenance {
+        Provenance {
+            topic: self.source_topic.clone(),
+            partition: self.source_partition,
+            offset: self.source_offset,
+            index: self.source_index,
+        }
+    }
+}
+
+impl Derived for DeadLetter {
+    fn provenance(&self) -> Provenance {
+        Provenance {
+            topic: self.source_topic.clone(),
+            partition: self.source_partition,
+            offset: self.source_offset,
+            index: self.source_index,
+        }
+    }
+}
+
+/// Encodes a record in the Confluent wire format.
+pub fn encode<T: TopicRecord>(record: &T) -> Result<Vec<u8>, AvroError> {
+    let mut out = Vec::with_capacity(128);
+    out.push(0u8);
+    out.extend_from_slice(&T::SCHEMA_ID.to_be_bytes());
+    apache_avro::write_avro_datum_ref(T::schema(), record, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes a record from the Confluent wire format, checking the schema id.
+pub fn decode<T: TopicRecord>(bytes: &[u8]) -> Result<T, AvroError> {
+    if bytes.len() < 5 {
+        return Err(AvroError::TooShort(bytes.len()));
+    }
+    if bytes[0] != 0 {
+        return Err(AvroError::BadMagic(bytes[0]));
+    }
+    let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+    if id != T::SCHEMA_ID {
+        return Err(AvroError::WrongSchema {
+            found: id,
+            expected: T::SCHEMA_ID,
+            name: T::NAME,
+        });
+    }
+    let mut body = &bytes[5..];
+    let value = apache_avro::from_avro_datum(T::schema(), &mut body, None)?;
+    Ok(apache_avro::from_value(&value)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope() -> RawEnvelope {
+        RawEnvelope {
+            event_id: "m-1".into(),
+            tenant: "acme".into(),
+            device: "dev-1".into(),
+            source: Source::Mqtt,
+            received_at: 1_763_780_000_000_000,
+            content_type: "application/json".into(),
+            payload: br#"{"metrics":{"t":1}}"#.to_vec(),
+            subject: Some("person-9".into()),
+            encryption_key_id: None,
+        }
+    }
+
+    #[test]
+    fn raw_envelope_round_trips_with_confluent_header() {
+        let e = envelope();
+        let bytes = encode(&e).unwrap();
+        assert_eq!(bytes[0], 0);
+        assert_eq!(&bytes[1..5], &SchemaId::RAW_ENVELOPE.to_be_bytes());
+        assert_eq!(decode::<RawEnvelope>(&bytes).unwrap(), e);
+    }
+
+    #[test]
+    fn reading_and_dead_letter_round_trip() {
+        let r = Reading {
+            tenant: "acme".into(),
+            device: "d".into(),
+            metric: "temperature".into(),
+            value: 21.5,
+            unit: Some("Cel".into()),
+            event_time: 1,
+            ingest_time: 2,
+            event_id: "e".into(),
+            source_topic: "raw".into(),
+            source_partition: 2,
+            source_offset: 77,
+            source_index: 1,
+        };
+        assert_eq!(decode::<Reading>(&encode(&r).unwrap()).unwrap(), r);
+        let d = DeadLetter {
+            tenant: String::new(),
+            device: "d".into(),
+            event_id: None,
+            stage: "cleanse".into(),
+            rule: "malformed_json".into(),
+            field: None,
+            reason: "expected value at line 1 column 1".into(),
+            source_topic: "raw".into(),
+            source_partition: 0,
+            source_offset: 5,
+            source_index: 0,
+            received_at: 3,
+            original: vec![0xff, 0x00],
+        };
+        assert_eq!(decode::<DeadLetter>(&encode(&d).unwrap()).unwrap(), d);
+    }
+
+    #[test]
+    fn decode_refuses_wrong_schema_and_garbage() {
+        let bytes = encode(&envelope()).unwrap();
+        assert!(matches!(
+            decode::<Reading>(&bytes),
+            Err(AvroError::WrongSchema { found: 1, .. })
+        ));
+        assert!(matches!(
+            decode::<RawEnvelope>(b"{}"),
+            Err(AvroError::TooShort(2))
+        ));
+        assert!(matches!(
+            decode::<RawEnvelope>(b"\x07\0\0\0\x01abc"),
+            Err(AvroError::BadMagic(7))
+        ));
+        assert!(decode::<RawEnvelope>(b"\0\0\0\0\x01\xff\xff").is_err());
+    }
+}

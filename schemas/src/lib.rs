@@ -1,0 +1,25 @@
+//! The contracts between Tributary's stages, defined once.
+//!
+//! This crate owns: topic names and partition counts ([`topics`]), the Avro schemas of every topic and
+//! their Rust types ([`avro`], the `.avsc` files under `schemas/avro/`), the Confluent wire framing,
+//! the device payload formats devices may send ([`payload`]: our JSON and SenML), the device registry
+//! model ([`registry`]) and the Kafka client settings every stage shares ([`kafka`]).
+//!
+//! It must not touch: I/O beyond reading the registry file, any stage's logic, or the lake.
+
+pub mod avro;
+pub mod kafka;
+pub mod payload;
+pub mod registry;
+pub mod topics;
+
+pub use avro::{DeadLetter, RawEnvelope, Reading, Source};
+pub use topics::Topics;
+
+/// Microseconds since the Unix epoch, UTC: the one timestamp unit of every topic and table.
+pub type Micros = i64;
+
+/// Now, in [`Micros`].
+pub fn now_micros() -> Micros {
+    chrono::Utc::now().timestamp_micros()
+}

@@ -1,0 +1,52 @@
+//! Topic names (configurable, defaults here) and how each topic is created.
+
+use serde::{Deserialize, Serialize};
+
+/// The names of Tributary's Kafka topics. Configured under `[topics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Topics {
+    /// Raw envelopes as received (source of truth), key = device.
+    pub raw: String,
+    /// Clean readings, key = device.
+    pub telemetry: String,
+    /// Rejected inputs with reason and provenance.
+    pub deadletter: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self {
+            raw: "raw".into(),
+            telemetry: "telemetry".into(),
+            deadletter: "deadletter".into(),
+        }
+    }
+}
+
+/// How one topic is created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSpec {
+    pub name: String,
+    pub partitions: i32,
+    /// `cleanup.policy=compact` (latest value per key) rather than delete.
+    pub compacted: bool,
+}
+
+impl Topics {
+    /// Every topic Tributary needs, each with `partitions` partitions.
+    ///
+    /// Derived topics have as many partitions as `raw`: the cleanse stage writes the outputs of raw
+    /// partition *p* to partition *p* of each derived topic, which keeps per-device order and lets the
+    /// lake sink drop re-emitted outputs by their source position (see ARCHITECTURE.md).
+    pub fn specs(&self, partitions: i32) -> Vec<TopicSpec> {
+        [&self.raw, &self.telemetry, &self.deadletter]
+            .into_iter()
+            .map(|name| TopicSpec {
+                name: name.clone(),
+                partitions,
+                compacted: false,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,224 @@
+//! The one configuration: a TOML file plus `TRIBUTARY_<SECTION>__<KEY>` environment overrides.
+//! Every key is defined once, in the config struct of the component that uses it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use tributary_ingest::http::HttpConfig;
+use tributary_ingest::mqtt::MqttConfig;
+use tributary_lake::LakeConfig;
+use tributary_schemas::kafka::KafkaConfig;
+use tributary_streams::cleanse::CleanseConfig;
+
+/// `[registry]`: where the device registry lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub path: PathBuf,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            path: "./data/registry.json".into(),
+        }
+    }
+}
+
+/// `[simulator]`: where the device simulator sends and finds its devices' secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimulatorConfig {
+    /// Base URL of the HTTP ingest.
+    pub http_url: String,
+    /// Device ids, tenants and tokens written by `tributary devices seed` (secret: mode 0600).
+    pub tokens_path: PathBuf,
+}
+
+impl Default for SimulatorConfig {
+    fn default() -> Self {
+        Self {
+            http_url: "http://127.0.0.1:8080".into(),
+            tokens_path: "./data/device-tokens.json".into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub http: HttpConfig,
+    pub mqtt: MqttConfig,
+    pub registry: RegistryConfig,
+    pub cleanse: CleanseConfig,
+    pub lake: LakeConfig,
+    pub simulator: SimulatorConfig,
+}
+
+/// An invalid configuration, naming the key and what is allowed.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Environment variables that are not config keys.
+const NOT_KEYS: [&str; 2] = ["config", "log"];
+
+impl Config {
+    /// Defaults, then the file (if given, or `./tributary.toml` if present), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None if Path::new("tributary.toml").exists() => figment = figment.merge(Toml::file("tributary.toml")),
+            None => {}
+        }
+        figment = figment.merge(Env::prefixed("TRIBUTARY_").split("__").ignore(&NOT_KEYS));
+        let config: Config = figment.extract().map_err(|e| {
+            let first = e.into_iter().next();
+            match first {
+                Some(e) => {
+                    let key = e.path.join(".");
+                    let kind = e.kind.to_string();
+                    if key.is_empty() {
+                        ConfigError(kind)
+                    } else {
+                        ConfigError(format!("`{key}`: {kind}"))
+                    }
+                }
+                None => ConfigError("unreadable configuration".into()),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values serde cannot: ranges, addresses, URLs, patterns.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key: &str, value: &dyn std::fmt::Display, allowed: &str| {
+            Err(ConfigError(format!("`{key}` = {value}: {allowed}")))
+        };
+        if self.kafka.brokers.trim().is_empty() {
+            return bad("kafka.brokers", &"\"\"", "must list at least one host:port");
+        }
+        if !(1..=1024).contains(&self.kafka.partitions) {
+            return bad("kafka.partitions", &self.kafka.partitions, "must be between 1 and 1024");
+        }
+        for (key, name) in [
+            ("kafka.topics.raw", &self.kafka.topics.raw),
+            ("kafka.topics.telemetry", &self.kafka.topics.telemetry),
+            ("kafka.topics.deadletter", &self.kafka.topics.deadletter),
+        ] {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return bad(key, &format!("{name:?}"), "must be a non-empty Kafka topic name of [a-zA-Z0-9._-]");
+            }
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            return bad("http.listen", &format!("{:?}", self.http.listen), "must be an address like 127.0.0.1:8080");
+        }
+        if self.http.max_body_bytes == 0 || self.http.max_messages == 0 {
+            return bad("http.max_body_bytes / http.max_messages", &0, "must be at least 1");
+        }
+        let devices = self.mqtt.topic_pattern.split('/').filter(|s| *s == "{device}").count();
+        if devices != 1 || self.mqtt.topic_pattern.contains('#') {
+            return bad(
+                "mqtt.topic_pattern",
+                &format!("{:?}", self.mqtt.topic_pattern),
+                "must contain exactly one `{device}` segment and no `#`, e.g. devices/{device}/telemetry",
+            );
+        }
+        if self.mqtt.share_group.is_empty() || self.mqtt.share_group.contains(['/', '+', '#']) {
+            return bad("mqtt.share_group", &format!("{:?}", self.mqtt.share_group), "must be a non-empty name without / + #");
+        }
+        if self.mqtt.receive_maximum == 0 {
+            return bad("mqtt.receive_maximum", &0, "must be between 1 and 65535");
+        }
+        if self.cleanse.batch_size == 0 {
+            return bad("cleanse.batch_size", &0, "must be at least 1");
+        }
+        if self.lake.flush_rows == 0 {
+            return bad("lake.flush_rows", &0, "must be at least 1");
+        }
+        if let Err(e) = self.lake.root_url() {
+            return Err(ConfigError(format!("`lake.url`: {e}")));
+        }
+        if !self.simulator.http_url.starts_with("http://") && !self.simulator.http_url.starts_with("https://") {
+            return bad("simulator.http_url", &format!("{:?}", self.simulator.http_url), "must start with http:// or https://");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML with secrets masked.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut c = self.clone();
+        if c.mqtt.password.is_some() {
+            c.mqtt.password = Some("<redacted>".into());
+        }
+        for v in c.lake.storage_options.values_mut() {
+            *v = "<redacted>".into();
+        }
+        toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Config::default();
+        c.lake.url = dir.path().join("lake").display().to_string();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_what_is_allowed() {
+        let mut c = Config::default();
+        c.kafka.partitions = 0;
+        assert_eq!(c.validate().unwrap_err().to_string(), "invalid configuration: `kafka.partitions` = 0: must be between 1 and 1024");
+        let mut c = Config::default();
+        c.mqtt.topic_pattern = "devices/+/telemetry".into();
+        assert!(c.validate().unwrap_err().to_string().contains("`mqtt.topic_pattern`"));
+        let mut c = Config::default();
+        c.lake.url = "ftp://host/x".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("`lake.url`") && e.contains("allowed: a local path, file:// or s3://"), "{e}");
+    }
+
+    #[test]
+    fn file_and_environment_are_merged_and_type_errors_name_the_key() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("t.toml", "[kafka]\nbrokers = \"10.0.0.1:9092\"\n[lake]\nurl = \"lake\"\n")?;
+            jail.set_env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:9999");
+            let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(c.kafka.brokers, "10.0.0.1:9092");
+            assert_eq!(c.http.listen, "127.0.0.1:9999");
+            jail.set_env("TRIBUTARY_KAFKA__PARTITIONS", "many");
+            let e = Config::load(Some(Path::new("t.toml"))).unwrap_err().to_string();
+            assert!(e.contains("`kafka.partitions`"), "{e}");
+            jail.set_env("TRIBUTARY_KAFKA__PARTITIONS", "3");
+            jail.set_env("TRIBUTARY_KAFKA__BROKERZ", "x");
+            let e = Config::load(Some(Path::new("t.toml"))).unwrap_err().to_string();
+            assert!(e.contains("brokerz"), "{e}");
+            Ok(())
+        });
+    }
+}

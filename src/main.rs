@@ -1,0 +1,138 @@
+//! `tributary`: one binary for every stage, the device simulator and SQL.
+//!
+//! The binary owns the command line, the configuration ([`config`]), wiring stages together
+//! ([`pipeline`]), topic creation ([`admin`]), device seeding ([`devices`]) and the simulator
+//! ([`simulator`]). Stage logic lives in the crates; nothing here touches a payload.
+
+mod admin;
+mod config;
+mod devices;
+mod pipeline;
+mod simulator;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::config::Config;
+
+/// Tributary: an event-sourced IoT data pipeline (MQTT/HTTP → Kafka raw log → cleanse → Delta Lake → SQL).
+#[derive(Parser)]
+#[command(name = "tributary", version, about, long_about = None)]
+struct Cli {
+    /// Config file (TOML). Default: ./tributary.toml when present. Every key can be overridden by
+    /// TRIBUTARY_<SECTION>__<KEY>, e.g. TRIBUTARY_KAFKA__BROKERS=127.0.0.1:9092.
+    #[arg(long, global = true, env = "TRIBUTARY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline: every stage in one process, or one stage alone (each stage is its own
+    /// consumer group or endpoint, so it scales out by starting more instances).
+    Run {
+        /// The stage to run; all of them when omitted.
+        #[arg(value_enum, default_value_t = pipeline::Stage::All)]
+        stage: pipeline::Stage,
+    },
+    /// Simulate devices sending telemetry (plausible metrics, a few malformed messages, duplicates),
+    /// then print a JSON summary of what was sent and what the lake should hold.
+    Simulate(simulator::SimulateArgs),
+    /// Run SQL over every lake table and print the result.
+    Sql {
+        /// The SQL statement, e.g. "SELECT device, avg(value) FROM telemetry GROUP BY device".
+        query: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+    },
+    /// Kafka topics.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+    /// The configuration.
+    #[command(name = "config")]
+    ConfigCmd {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// The device registry.
+    Devices {
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create every topic with `kafka.partitions` partitions (existing ones are left as they are).
+    Create,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Load and validate the configuration; print it (secrets masked) when valid.
+    Check,
+}
+
+#[derive(Subcommand)]
+enum DevicesCommand {
+    /// Create a registry of simulated devices: the registry (token hashes) at `registry.path`, the
+    /// tokens for the simulator at `simulator.tokens_path` (mode 0600).
+    Seed(devices::SeedArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Table,
+    Csv,
+    Json,
+}
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("TRIBUTARY_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,deltalake=warn,datafusion=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let config = Config::load(cli.config.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { stage } => pipeline::run(config, stage).await,
+            Command::Simulate(args) => simulator::run(&config, args).await,
+            Command::Sql { query, format } => {
+                let engine = tributary_query::SqlEngine::over_lake(&config.lake).await?;
+                let batches = engine.query(&query).await.with_context(|| format!("query failed: {query}"))?;
+                let format = match format {
+                    Format::Table => tributary_query::OutputFormat::Table,
+                    Format::Csv => tributary_query::OutputFormat::Csv,
+                    Format::Json => tributary_query::OutputFormat::Json,
+                };
+                println!("{}", tributary_query::render(&batches, format)?);
+                Ok(())
+            }
+            Command::Topics {
+                command: TopicsCommand::Create,
+            } => admin::create_topics(&config.kafka).await,
+            Command::ConfigCmd {
+                command: ConfigCommand::Check,
+            } => {
+                println!("{}", config.to_redacted_toml());
+                eprintln!("configuration is valid");
+                Ok(())
+            }
+            Command::Devices {
+                command: DevicesCommand::Seed(args),
+            } => devices::seed(&config, args),
+        }
+    })
+}

@@ -1,0 +1,407 @@
+//! `tributary simulate`: devices sending plausible telemetry over MQTT or HTTP, with a few malformed
+//! messages and duplicates (the same message id sent twice). It keeps exact count of what the lake
+//! should end up holding and prints it as JSON, so a run can be checked end to end.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::devices::{DeviceSecret, load_secrets};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    Mqtt,
+    Http,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// Number of devices (taken from the seeded registry).
+    #[arg(long, default_value_t = 20)]
+    pub devices: usize,
+    /// Messages per second, all devices together.
+    #[arg(long, default_value_t = 500.0)]
+    pub rate: f64,
+    /// How long to send, e.g. 30s, 2m (ignored when --messages is given).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Send exactly this many distinct messages instead of running for --duration.
+    #[arg(long)]
+    pub messages: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Via::Http)]
+    pub via: Via,
+    /// Share of messages that are malformed (bad JSON over MQTT; non-numeric or NaN values).
+    #[arg(long, default_value_t = 0.02)]
+    pub malformed: f64,
+    /// Share of messages sent a second time with the same message id.
+    #[arg(long, default_value_t = 0.02)]
+    pub duplicates: f64,
+    /// Messages per HTTP request (one device per request).
+    #[arg(long, default_value_t = 10)]
+    pub batch: usize,
+    /// HTTP requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Random seed (values, which messages are malformed or duplicated).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
+    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s or 2m"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("`{s}`: unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// What was sent and what the lake should hold because of it.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    pub via: Option<Via>,
+    pub run_id: String,
+    /// Distinct messages.
+    pub messages: u64,
+    /// Messages sent again with the same id.
+    pub duplicates: u64,
+    pub malformed: u64,
+    /// Rows `telemetry` should gain.
+    pub expected_readings: u64,
+    /// Rows `deadletter` should gain.
+    pub expected_dead_letters: u64,
+    /// Messages acknowledged (after Kafka acknowledged them), duplicates included.
+    pub acked: u64,
+    pub retries: u64,
+    pub elapsed_secs: f64,
+    pub acked_per_sec: f64,
+}
+
+/// One generated message.
+struct Generated {
+    body: Vec<u8>,
+    readings: u64,
+    dead_letters: u64,
+    malformed: bool,
+}
+
+struct DeviceModel {
+    secret: DeviceSecret,
+    seq: u64,
+    phase: f64,
+    battery: f64,
+    last: Option<Vec<u8>>,
+}
+
+struct Generator {
+    rng: StdRng,
+    run_id: String,
+    malformed: f64,
+    duplicates: f64,
+    allow_bad_json: bool,
+}
+
+impl Generator {
+    /// The next message of a device, or a duplicate of its previous one (`None` readings then).
+    fn next(&mut self, d: &mut DeviceModel) -> (Vec<u8>, Option<Generated>) {
+        if let Some(last) = &d.last
+            && self.rng.random_bool(self.duplicates.clamp(0.0, 1.0))
+        {
+            let dup = last.clone();
+            d.last = None;
+            return (dup, None);
+        }
+        d.seq += 1;
+        let id = format!("{}-{}-{}", self.run_id, d.secret.device, d.seq);
+        let t = chrono::Utc::now();
+        let secs = t.timestamp() as f64;
+        let temperature = 20.0 + 4.0 * ((secs / 600.0) + d.phase).sin() + self.rng.random_range(-0.3..0.3);
+        let humidity = 45.0 + 10.0 * ((secs / 900.0) + d.phase).cos() + self.rng.random_range(-1.0..1.0);
+        d.battery = (d.battery - self.rng.random_range(0.0..0.0005)).max(3.2);
+        let round = |v: f64| (v * 100.0).round() / 100.0;
+        let time = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let malformed = self.rng.random_bool(self.malformed.clamp(0.0, 1.0));
+        let gen = if !malformed {
+            let body = json!({"id": id, "time": time, "metrics": {
+                "temperature": {"value": round(temperature), "unit": "Cel"},
+                "humidity": {"value": round(humidity), "unit": "%RH"},
+                "battery_voltage": {"value": round(d.battery), "unit": "V"}}});
+            Generated {
+                body: body.to_string().into_bytes(),
+                readings: 3,
+                dead_letters: 0,
+                malformed: false,
+            }
+        } else {
+            match self.rng.random_range(0..if self.allow_bad_json { 3 } else { 2 }) {
+                0 => Generated {
+                    body: json!({"id": id, "time": time, "metrics": {"temperature": "hot", "humidity": round(humidity)}})
+                        .to_string()
+                        .into_bytes(),
+                    readings: 1,
+                    dead_letters: 1,
+                    malformed: true,
+                },
+                1 => Generated {
+                    body: json!({"id": id, "time": time, "metrics": {"temperature": "NaN", "battery_voltage": round(d.battery)}})
+                        .to_string()
+                        .into_bytes(),
+                    readings: 1,
+                    dead_letters: 1,
+                    malformed: true,
+                },
+                _ => Generated {
+                    body: format!("{{\"id\":\"{id}\",\"metrics\":{{\"temperature\":").into_bytes(),
+                    readings: 0,
+                    dead_letters: 1,
+                    malformed: true,
+                },
+            }
+        };
+        // Only well-formed JSON can be deduplicated by id, so only it is ever sent twice.
+        d.last = (gen.readings > 0).then(|| gen.body.clone());
+        (gen.body.clone(), Some(gen))
+    }
+}
+
+pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
+    let secrets = load_secrets(&config.simulator.tokens_path)?;
+    anyhow::ensure!(
+        args.devices >= 1 && args.devices <= secrets.len(),
+        "--devices must be between 1 and {} (the seeded devices)",
+        secrets.len()
+    );
+    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    let seed = args.seed.unwrap_or_else(rand::random);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let run_id = format!("r{:08x}", rng.random::<u32>());
+    let mut devices: Vec<DeviceModel> = secrets
+        .into_iter()
+        .take(args.devices)
+        .map(|secret| DeviceModel {
+            secret,
+            seq: 0,
+            phase: rng.random_range(0.0..6.28),
+            battery: rng.random_range(3.7..4.2),
+            last: None,
+        })
+        .collect();
+    let mut generator = Generator {
+        rng,
+        run_id: run_id.clone(),
+        malformed: args.malformed,
+        duplicates: args.duplicates,
+        allow_bad_json: args.via == Via::Mqtt,
+    };
+    let mut summary = Summary {
+        via: Some(args.via),
+        run_id,
+        ..Default::default()
+    };
+    let acked = Arc::new(AtomicU64::new(0));
+    let retries = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let total = args.messages;
+    let deadline = started + args.duration;
+    let done = |summary: &Summary| match total {
+        Some(n) => summary.messages >= n,
+        None => Instant::now() >= deadline,
+    };
+    let mut sent_units = 0u64;
+    let pace = |units: u64| started + Duration::from_secs_f64(units as f64 / args.rate);
+    let mut record = |summary: &mut Summary, g: &Option<Generated>| match g {
+        Some(g) => {
+            summary.messages += 1;
+            summary.expected_readings += g.readings;
+            summary.expected_dead_letters += g.dead_letters;
+            summary.malformed += u64::from(g.malformed);
+        }
+        None => summary.duplicates += 1,
+    };
+
+    match args.via {
+        Via::Http => {
+            let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+            let url = format!("{}/v1/telemetry", config.simulator.http_url.trim_end_matches('/'));
+            let (tx, rx) = async_channel(args.concurrency * 2);
+            let mut workers = Vec::new();
+            for _ in 0..args.concurrency.max(1) {
+                let rx = rx.clone();
+                let client = client.clone();
+                let url = url.clone();
+                let acked = acked.clone();
+                let retries = retries.clone();
+                workers.push(tokio::spawn(async move {
+                    while let Ok((token, body, n)) = rx.recv().await {
+                        post_until_accepted(&client, &url, &token, body, &retries).await?;
+                        acked.fetch_add(n, Ordering::Relaxed);
+                    }
+                    anyhow::Ok(())
+                }));
+            }
+            let mut i = 0usize;
+            while !done(&summary) {
+                let d = &mut devices[i % args.devices];
+                i += 1;
+                let mut lines = Vec::new();
+                let mut n = 0u64;
+                while n < args.batch.max(1) as u64 && !done(&summary) {
+                    let (body, g) = generator.next(d);
+                    record(&mut summary, &g);
+                    lines.extend_from_slice(&body);
+                    lines.push(b'\n');
+                    n += 1;
+                }
+                sent_units += n;
+                tokio::time::sleep_until(pace(sent_units).into()).await;
+                tx.send((d.secret.token.clone(), lines, n)).await.context("http workers stopped")?;
+            }
+            drop(tx);
+            for w in workers {
+                w.await??;
+            }
+        }
+        Via::Mqtt => {
+            let mut clients = Vec::new();
+            let published_acked = acked.clone();
+            for (n, d) in devices.iter().enumerate() {
+                let mut opts = MqttOptions::new(format!("sim-{}-{}", summary.run_id, n), &config.mqtt.host, config.mqtt.port);
+                opts.set_credentials(d.secret.device.clone(), d.secret.token.clone());
+                opts.set_keep_alive(Duration::from_secs(30));
+                let (client, mut eventloop) = AsyncClient::new(opts, 1000);
+                let acked = published_acked.clone();
+                let retries = retries.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match eventloop.poll().await {
+                            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                                acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(Event::Incoming(Packet::Disconnect(d))) => {
+                                tracing::warn!(reason = ?d.reason_code, "broker disconnected a simulated device");
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                retries.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, "simulated device connection error");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                });
+                clients.push(client);
+            }
+            let mut i = 0usize;
+            let mut published = 0u64;
+            while !done(&summary) {
+                let k = i % args.devices;
+                i += 1;
+                let d = &mut devices[k];
+                let (body, g) = generator.next(d);
+                record(&mut summary, &g);
+                sent_units += 1;
+                tokio::time::sleep_until(pace(sent_units).into()).await;
+                clients[k]
+                    .publish(config.mqtt.device_topic(&d.secret.device), QoS::AtLeastOnce, false, body)
+                    .await
+                    .context("publishing")?;
+                published += 1;
+            }
+            let wait_until = Instant::now() + Duration::from_secs(120);
+            while acked.load(Ordering::Relaxed) < published && Instant::now() < wait_until {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::ensure!(
+                acked.load(Ordering::Relaxed) >= published,
+                "only {} of {published} MQTT publishes were acknowledged by the broker",
+                acked.load(Ordering::Relaxed)
+            );
+            for c in clients {
+                c.disconnect().await.ok();
+            }
+        }
+    }
+    summary.acked = acked.load(Ordering::Relaxed);
+    summary.retries = retries.load(Ordering::Relaxed);
+    summary.elapsed_secs = started.elapsed().as_secs_f64();
+    summary.acked_per_sec = summary.acked as f64 / summary.elapsed_secs.max(1e-9);
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+type Job = (String, Vec<u8>, u64);
+
+/// A tiny multi-consumer queue over a tokio mutex (requests are big; the lock is not hot).
+fn async_channel(cap: usize) -> (tokio::sync::mpsc::Sender<Job>, SharedReceiver) {
+    let (tx, rx) = tokio::sync::mpsc::channel(cap.max(1));
+    (tx, SharedReceiver(Arc::new(tokio::sync::Mutex::new(rx))))
+}
+
+#[derive(Clone)]
+struct SharedReceiver(Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Job>>>);
+
+impl SharedReceiver {
+    async fn recv(&self) -> Result<Job, ()> {
+        self.0.lock().await.recv().await.ok_or(())
+    }
+}
+
+/// Posts until the ingest answers 202, as a device with at-least-once delivery does. Retries on
+/// connection errors, 429 and 5xx; any other answer is an error.
+async fn post_until_accepted(client: &reqwest::Client, url: &str, token: &str, body: Vec<u8>, retries: &AtomicU64) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(100);
+    let give_up = Instant::now() + Duration::from_secs(180);
+    loop {
+        let result = client
+            .post(url)
+            .bearer_auth(token)
+            .header("content-type", "application/x-ndjson")
+            .body(body.clone())
+            .send()
+            .await;
+        match result {
+            Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => return Ok(()),
+            Ok(r) if r.status().is_server_error() || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {}
+            Ok(r) => {
+                let status = r.status();
+                let text = r.text().await.unwrap_or_default();
+                anyhow::bail!("ingest answered {status}: {text}");
+            }
+            Err(e) => tracing::debug!(error = %e, "ingest unreachable; retrying"),
+        }
+        retries.fetch_add(1, Ordering::Relaxed);
+        anyhow::ensure!(Instant::now() < give_up, "ingest did not accept a request for 180 s");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("15").unwrap(), Duration::from_secs(15));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,223 @@
+//! Test harness: a private local stack (Tansu, Mosquitto) on free loopback ports, started by the
+//! project's own `deploy/local/stack.sh`, and the `tributary` binary configured for it.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A running stack and the configuration pointing at it.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub kafka_port: u16,
+    pub mqtt_port: u16,
+    pub http_port: u16,
+    env: Vec<(String, String)>,
+    stack_env: Vec<(String, String)>,
+}
+
+impl Stack {
+    /// Seeds `devices` devices (plus MQTT-only users that are not in the registry), starts the
+    /// stack and creates the topics.
+    pub fn start(devices: usize, unregistered_mqtt_users: &[(&str, &str)]) -> Stack {
+        let dir = tempfile::tempdir().unwrap();
+        let (kafka_port, mqtt_port, http_port) = (free_port(), free_port(), free_port());
+        let d = dir.path();
+        let mut env: Vec<(String, String)> = [
+            ("TRIBUTARY_KAFKA__BROKERS", format!("127.0.0.1:{kafka_port}")),
+            ("TRIBUTARY_MQTT__PORT", mqtt_port.to_string()),
+            ("TRIBUTARY_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
+            ("TRIBUTARY_SIMULATOR__HTTP_URL", format!("http://127.0.0.1:{http_port}")),
+            ("TRIBUTARY_LAKE__URL", d.join("lake").display().to_string()),
+            ("TRIBUTARY_LAKE__FLUSH_INTERVAL_MS", "500".into()),
+            ("TRIBUTARY_REGISTRY__PATH", d.join("registry.json").display().to_string()),
+            ("TRIBUTARY_SIMULATOR__TOKENS_PATH", d.join("device-tokens.json").display().to_string()),
+            ("TRIBUTARY_LOG", "info,rdkafka=warn,deltalake=warn,datafusion=warn".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let stack_env: Vec<(String, String)> = [
+            ("STACK_DIR", d.join("stack").display().to_string()),
+            ("KAFKA_PORT", kafka_port.to_string()),
+            ("MQTT_PORT", mqtt_port.to_string()),
+            ("STACK_VM", "0".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let mut stack = Stack {
+            dir,
+            kafka_port,
+            mqtt_port,
+            http_port,
+            env: env.clone(),
+            stack_env,
+        };
+        let plain = stack.dir.path().join("stack").join("mqtt-users.plain");
+        std::fs::create_dir_all(plain.parent().unwrap()).unwrap();
+        stack.ok(&[
+            "devices",
+            "seed",
+            "--count",
+            &devices.to_string(),
+            "--tenants",
+            "3",
+            "--mosquitto-passwd",
+            plain.to_str().unwrap(),
+        ]);
+        let mut users = std::fs::read_to_string(&plain).unwrap();
+        for (u, p) in unregistered_mqtt_users {
+            users.push_str(&format!("{u}:{p}\n"));
+        }
+        std::fs::write(&plain, users).unwrap();
+        stack.stack("up");
+        let secret = std::fs::read_to_string(stack.dir.path().join("stack/mqtt-bridge.secret")).unwrap();
+        env.push(("TRIBUTARY_MQTT__PASSWORD".into(), secret.trim().to_owned()));
+        stack.env = env;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = stack.cmd(&["topics", "create"]).output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "topics create failed: {}", String::from_utf8_lossy(&out.stderr));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        stack
+    }
+
+    fn stack(&self, action: &str) {
+        let status = Command::new("bash")
+            .arg(repo().join("deploy/local/stack.sh"))
+            .arg(action)
+            .envs(self.stack_env.iter().map(|(k, v)| (k, v)))
+            .status()
+            .unwrap();
+        assert!(status.success(), "stack.sh {action} failed");
+    }
+
+    /// A `tributary` command configured for this stack.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.args(args).current_dir(self.dir.path()).envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out: Output = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "tributary {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Starts `tributary run` (every stage), logging to `<dir>/pipeline-N.log`.
+    pub fn spawn_pipeline(&self, n: usize) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("pipeline-{n}.log"))).unwrap();
+        let child = self.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        self.wait_http();
+        child
+    }
+
+    pub fn wait_http(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err() {
+            assert!(Instant::now() < deadline, "http ingest did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs SQL through the CLI and returns the rows as JSON objects.
+    pub fn sql(&self, query: &str) -> Vec<Value> {
+        let out = self.ok(&["sql", "--format", "json", query]);
+        serde_json::from_str::<Vec<Value>>(out.trim()).unwrap_or_else(|e| panic!("bad JSON from sql: {e}: {out}"))
+    }
+
+    /// `SELECT count(*)` of a table, 0 when the table does not exist yet.
+    pub fn count(&self, table: &str) -> u64 {
+        let out = self.cmd(&["sql", "--format", "json", &format!("SELECT count(*) AS n FROM {table}")]).output().unwrap();
+        if !out.status.success() {
+            return 0;
+        }
+        let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        rows.first().and_then(|r| r["n"].as_u64()).unwrap_or(0)
+    }
+
+    /// Waits until both tables hold at least the expected rows, then a little longer to catch extras.
+    pub fn wait_for_rows(&self, telemetry: u64, deadletter: u64, timeout: Duration) -> (u64, u64) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (t, d) = (self.count("telemetry"), self.count("deadletter"));
+            if (t >= telemetry && d >= deadletter) || Instant::now() > deadline {
+                std::thread::sleep(Duration::from_secs(3));
+                return (self.count("telemetry"), self.count("deadletter"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    pub fn secrets(&self) -> Vec<Value> {
+        serde_json::from_slice(&std::fs::read(self.dir.path().join("device-tokens.json")).unwrap()).unwrap()
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Dumps the pipeline logs (for a failing assertion's context).
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for n in 0..4 {
+            if let Ok(l) = std::fs::read_to_string(self.dir.path().join(format!("pipeline-{n}.log"))) {
+                let tail: Vec<&str> = l.lines().rev().take(40).collect();
+                s.push_str(&format!("--- pipeline-{n}.log (last lines)\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+            }
+        }
+        s
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(repo().join("deploy/local/stack.sh"))
+            .arg("down")
+            .envs(self.stack_env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .status();
+        if std::env::var_os("TRIBUTARY_KEEP_TEST_DIR").is_some() {
+            let kept = self.dir.path().to_path_buf();
+            eprintln!("keeping {}", kept.display());
+            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+        }
+    }
+}
+
+/// Parses the simulator's JSON summary (its last stdout line).
+pub fn summary(stdout: &str) -> Value {
+    serde_json::from_str(stdout.trim().lines().last().unwrap_or("{}")).unwrap()
+}
+
+/// Stops a child for good.
+pub fn kill(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
