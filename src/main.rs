@@ -96,8 +96,13 @@ enum Format {
 fn init_tracing() {
     let filter = EnvFilter::try_from_env("TRIBUTARY_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,deltalake=warn,datafusion=warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,deltalake_core=error,buoyant_kernel=warn,datafusion=warn"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() -> anyhow::Result<()> {

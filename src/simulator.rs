@@ -138,7 +138,7 @@ impl Generator {
         let round = |v: f64| (v * 100.0).round() / 100.0;
         let time = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
         let malformed = self.rng.random_bool(self.malformed.clamp(0.0, 1.0));
-        let gen = if !malformed {
+        let generated = if !malformed {
             let body = json!({"id": id, "time": time, "metrics": {
                 "temperature": {"value": round(temperature), "unit": "Cel"},
                 "humidity": {"value": round(humidity), "unit": "%RH"},
@@ -176,8 +176,8 @@ impl Generator {
             }
         };
         // Only well-formed JSON can be deduplicated by id, so only it is ever sent twice.
-        d.last = (gen.readings > 0).then(|| gen.body.clone());
-        (gen.body.clone(), Some(gen))
+        d.last = (generated.readings > 0).then(|| generated.body.clone());
+        (generated.body.clone(), Some(generated))
     }
 }
 
@@ -226,7 +226,7 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
     };
     let mut sent_units = 0u64;
     let pace = |units: u64| started + Duration::from_secs_f64(units as f64 / args.rate);
-    let mut record = |summary: &mut Summary, g: &Option<Generated>| match g {
+    let record = |summary: &mut Summary, g: &Option<Generated>| match g {
         Some(g) => {
             summary.messages += 1;
             summary.expected_readings += g.readings;

@@ -171,23 +171,33 @@ impl MqttBridge {
             let client = client.clone();
             let producer = self.producer.clone();
             tokio::spawn(async move {
-                while let Some(mut f) = rx.recv().await {
+                while let Some(f) = rx.recv().await {
+                    let InFlight {
+                        publish,
+                        device,
+                        encoded,
+                        pending,
+                    } = f;
+                    let mut pending = Some(pending);
                     let mut backoff = Duration::from_millis(100);
                     loop {
-                        match f.pending.acked().await {
+                        let result = match pending.take() {
+                            Some(p) => p.acked().await,
+                            None => match producer.enqueue_encoded(&device, &encoded).await {
+                                Ok(p) => p.acked().await,
+                                Err(e) => Err(e),
+                            },
+                        };
+                        match result {
                             Ok(_) => break,
                             Err(e) => {
-                                tracing::warn!(error = %e, device = %f.device, "raw produce failed; holding PUBACK and retrying");
+                                tracing::warn!(error = %e, device = %device, "raw produce failed; holding PUBACK and retrying");
                                 tokio::time::sleep(backoff).await;
                                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                                match producer.enqueue_encoded(&f.device, &f.encoded).await {
-                                    Ok(p) => f.pending = p,
-                                    Err(e) => tracing::warn!(error = %e, "raw produce refused"),
-                                }
                             }
                         }
                     }
-                    if let Err(e) = client.ack(&f.publish).await {
+                    if let Err(e) = client.ack(&publish).await {
                         tracing::warn!(error = %e, "cannot queue PUBACK");
                     }
                 }

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deltalake::DeltaTable;
@@ -36,6 +35,12 @@ pub fn source_seq(offset: i64, index: i32) -> i64 {
 /// Opens a table at `url`, or a handle on the empty location when no table is there yet.
 pub async fn open_table(lake: &LakeConfig, table: &str) -> Result<DeltaTable, LakeError> {
     let url = lake.table_url(table)?;
+    if let Ok(dir) = url.to_file_path() {
+        std::fs::create_dir_all(&dir).map_err(|e| LakeError::BadUrl {
+            url: url.to_string(),
+            reason: format!("cannot create the table directory: {e}"),
+        })?;
+    }
     Ok(DeltaTable::try_from_url_with_storage_options(url, lake.storage_options.clone()).await?)
 }
 

@@ -492,7 +492,7 @@ mod tests {
     fn parses_our_json_with_units_times_and_bad_values() {
         let m = parse_message(
             JSON,
-            br#"{"id":"m1","time":"2026-11-22T03:00:00Z","metrics":{"temperature":21.5,"battery_voltage":{"value":3.7,"unit":"V","time":1763780400000},"door":"open","x":"NaN"}}"#,
+            br#"{"id":"m1","time":"2025-11-22T03:00:00Z","metrics":{"temperature":21.5,"battery_voltage":{"value":3.7,"unit":"V","time":1763780400000},"door":"open","x":"NaN"}}"#,
             T0,
         )
         .unwrap();

@@ -45,7 +45,7 @@ impl Stack {
             ("TRIBUTARY_LAKE__FLUSH_INTERVAL_MS", "500".into()),
             ("TRIBUTARY_REGISTRY__PATH", d.join("registry.json").display().to_string()),
             ("TRIBUTARY_SIMULATOR__TOKENS_PATH", d.join("device-tokens.json").display().to_string()),
-            ("TRIBUTARY_LOG", "info,rdkafka=warn,deltalake=warn,datafusion=warn".into()),
+            ("TRIBUTARY_LOG", "info,rdkafka=warn,deltalake_core=error,buoyant_kernel=warn,datafusion=warn".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -203,7 +203,7 @@ impl Drop for Stack {
             .envs(self.stack_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .status();
-        if std::env::var_os("TRIBUTARY_KEEP_TEST_DIR").is_some() {
+        if std::env::var_os("KEEP_TEST_DIR").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("keeping {}", kept.display());
             std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
