@@ -13,7 +13,7 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let mut pipeline = stack.spawn_pipeline(0);
     let simulate = |via: &str, seed: &str| {
         stack
-            .cmd(&["simulate", "--via", via, "--devices", "20", "--messages", "6000", "--rate", "1000", "--batch", "10", "--seed", seed])
+            .cmd(&["simulate", "--via", via, "--devices", "20", "--messages", "8000", "--rate", "600", "--batch", "10", "--seed", seed])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

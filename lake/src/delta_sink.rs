@@ -59,6 +59,9 @@ struct PartitionState {
     next: Option<i64>,
     /// Next offset as of the last commit.
     committed: Option<i64>,
+    /// A seek to `next` is under way: records already fetched from elsewhere are skipped until
+    /// `next` itself arrives.
+    seeking: bool,
 }
 
 /// Drains `topic` into the Delta table `table`.
@@ -98,9 +101,10 @@ impl<R: LakeRow> DeltaSink<R> {
         let context = RecordingContext::default();
         let consumer: StreamConsumer<RecordingContext> =
             self.kafka.consumer(&self.stage()).create_with_context(context.clone())?;
-        consumer.subscribe(&[&self.topic])?;
         let producer: FutureProducer = self.kafka.producer(&format!("tributary-{}", self.stage())).create()?;
         let mut table = open_table(&self.lake, &self.table).await?;
+        self.align_group_offsets(&consumer, &table).await?;
+        consumer.subscribe(&[&self.topic])?;
         tracing::info!(topic = %self.topic, table = %self.table, version = ?table.version(), "delta sink started");
 
         let mut parts: HashMap<i32, PartitionState> = HashMap::new();
@@ -155,15 +159,17 @@ impl<R: LakeRow> DeltaSink<R> {
                                 tracing::info!(partition = p, from = offset, to = v, "seeking to the offset recorded in the table");
                                 consumer.seek(&self.topic, p, Offset::Offset(v), Duration::from_secs(10))?;
                                 state.next = Some(v);
+                                state.seeking = true;
                                 continue;
                             }
                             _ => state.next = Some(offset),
                         }
                     }
                     let next = state.next.unwrap_or(offset);
-                    if offset < next {
+                    if offset < next || (state.seeking && offset != next) {
                         continue;
                     }
+                    state.seeking = false;
                     state.next = Some(offset + 1);
                     let payload = msg.payload().unwrap_or_default();
                     let row = match decode::<R>(payload) {
@@ -237,7 +243,7 @@ impl<R: LakeRow> DeltaSink<R> {
                     oldest = None;
                     tracing::info!(table = %self.table, rows = count, version = ?table.version(), ms = started.elapsed().as_millis() as u64, written, dropped, "delta commit");
                     if offsets.count() > 0
-                        && let Err(e) = consumer.commit(&offsets, CommitMode::Async)
+                        && let Err(e) = consumer.commit(&offsets, CommitMode::Sync)
                     {
                         tracing::debug!(error = %e, "kafka offset commit (advisory) failed");
                     }
@@ -259,6 +265,29 @@ impl<R: LakeRow> DeltaSink<R> {
                 }
             }
         }
+    }
+
+    /// Commits the offsets recorded in the table to the consumer group before joining it, so every
+    /// partition starts exactly where the table ends (the table is the truth; Kafka's copy may lag).
+    async fn align_group_offsets(&self, consumer: &StreamConsumer<RecordingContext>, table: &DeltaTable) -> Result<(), LakeError> {
+        let metadata = consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == self.topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            if let Some(v) = txn_version(table, &self.partition_app_id(p)).await? {
+                tpl.add_partition_offset(&self.topic, p, Offset::Offset(v))?;
+            }
+        }
+        if tpl.count() > 0 {
+            consumer.commit(&tpl, CommitMode::Sync)?;
+            tracing::info!(topic = %self.topic, offsets = ?tpl.to_topic_map(), "group offsets aligned with the table");
+        }
+        Ok(())
     }
 
     /// Keeps a record this sink cannot decode in `deadletter`, with its position.

@@ -19,6 +19,10 @@ pub struct KafkaConfig {
     pub partitions: i32,
     /// Prefix of every consumer group id (`<prefix>-cleanse`, `<prefix>-lake-telemetry`, …).
     pub group_prefix: String,
+    /// This instance's name within each consumer group (static membership, `group.instance.id`):
+    /// a restarted instance takes its partitions back at once instead of waiting for the session
+    /// of its dead predecessor to expire. Give every instance of a stage its own.
+    pub instance_id: String,
     pub topics: Topics,
 }
 
@@ -28,6 +32,7 @@ impl Default for KafkaConfig {
             brokers: "127.0.0.1:9092".into(),
             partitions: 3,
             group_prefix: "tributary".into(),
+            instance_id: "1".into(),
             topics: Topics::default(),
         }
     }
@@ -60,6 +65,7 @@ impl KafkaConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("group.id", self.group_id(stage))
+            .set("group.instance.id", format!("{}-{}", self.group_id(stage), self.instance_id))
             .set("client.id", format!("tributary-{stage}"))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
