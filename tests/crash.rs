@@ -9,7 +9,7 @@ use support::{Stack, kill, summary};
 
 #[test]
 fn kill_9_mid_stream_loses_and_duplicates_nothing() {
-    let stack = Stack::start(20, &[]);
+    let stack = Stack::start_with_storage(20, &[], "sqlite://tansu.db");
     let mut pipeline = stack.spawn_pipeline(0);
     let simulate = |via: &str, seed: &str| {
         stack
@@ -45,7 +45,7 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let expected_dead = n(&mqtt, "expected_dead_letters") + n(&http, "expected_dead_letters");
     assert!(n(&http, "retries") > 0, "the HTTP devices should have seen the pipeline go away: {http}");
 
-    let (rows, dead) = stack.wait_for_rows(expected_readings, expected_dead, Duration::from_secs(240));
+    let (rows, dead) = stack.wait_for_rows(expected_readings, expected_dead, Duration::from_secs(90));
     assert_eq!((rows, dead), (expected_readings, expected_dead), "nothing lost, nothing duplicated\n{}", stack.logs());
     let dups = stack.sql("SELECT count(*) AS n FROM (SELECT tenant, device, event_id, metric FROM telemetry GROUP BY 1,2,3,4 HAVING count(*) > 1)");
     assert_eq!(dups[0]["n"], 0);

@@ -5,8 +5,10 @@
 //! - `tributary-lake/<table>/source/<source topic>/<source partition>` = last source position
 //!   (offset × 2¹⁶ + index) written, so outputs re-emitted upstream after a crash are dropped.
 //!
-//! When the sink gets a partition it reads the first back and seeks there; a zombie writer of the same
-//! partition loses its commit to Delta's conflict check on the same app id.
+//! Before joining its consumer group the sink commits the table's offsets to the group, so consumption
+//! resumes exactly where the table ends; records below the table's offset (Kafka's copy may lag after a
+//! crash) are skipped. Kafka offsets are committed after every Delta commit. A zombie writer of the
+//! same partition loses its commit to Delta's conflict check on the same app id.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -59,9 +61,6 @@ struct PartitionState {
     next: Option<i64>,
     /// Next offset as of the last commit.
     committed: Option<i64>,
-    /// A seek to `next` is under way: records already fetched from elsewhere are skipped until
-    /// `next` itself arrives.
-    seeking: bool,
 }
 
 /// Drains `topic` into the Delta table `table`.
@@ -151,25 +150,22 @@ impl<R: LakeRow> DeltaSink<R> {
                     let offset = msg.offset();
                     let state = parts.entry(p).or_default();
                     if state.next.is_none() {
+                        // The group offset was aligned with the table, but another instance may have
+                        // committed since: the table decides where this partition resumes.
                         table.update_state().await.ok();
                         let stored = txn_version(&table, &self.partition_app_id(p)).await?;
                         state.committed = stored;
-                        match stored {
-                            Some(v) if v != offset => {
-                                tracing::info!(partition = p, from = offset, to = v, "seeking to the offset recorded in the table");
-                                consumer.seek(&self.topic, p, Offset::Offset(v), Duration::from_secs(10))?;
-                                state.next = Some(v);
-                                state.seeking = true;
-                                continue;
-                            }
-                            _ => state.next = Some(offset),
-                        }
+                        state.next = Some(stored.unwrap_or(offset));
                     }
                     let next = state.next.unwrap_or(offset);
-                    if offset < next || (state.seeking && offset != next) {
+                    if offset < next {
+                        // Already in the table.
                         continue;
                     }
-                    state.seeking = false;
+                    if offset > next {
+                        // Offsets may have gaps (records a killed producer never completed).
+                        tracing::debug!(partition = p, expected = next, got = offset, "offset gap");
+                    }
                     state.next = Some(offset + 1);
                     let payload = msg.payload().unwrap_or_default();
                     let row = match decode::<R>(payload) {

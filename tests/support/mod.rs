@@ -33,6 +33,11 @@ impl Stack {
     /// Seeds `devices` devices (plus MQTT-only users that are not in the registry), starts the
     /// stack and creates the topics.
     pub fn start(devices: usize, unregistered_mqtt_users: &[(&str, &str)]) -> Stack {
+        Self::start_with_storage(devices, unregistered_mqtt_users, "memory://tansu/")
+    }
+
+    /// Like [`start`](Self::start) with a chosen Tansu storage engine (`sqlite://tansu.db` is durable).
+    pub fn start_with_storage(devices: usize, unregistered_mqtt_users: &[(&str, &str)], kafka_storage: &str) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let (kafka_port, mqtt_port, http_port) = (free_port(), free_port(), free_port());
         let d = dir.path();
@@ -55,6 +60,7 @@ impl Stack {
             ("KAFKA_PORT", kafka_port.to_string()),
             ("MQTT_PORT", mqtt_port.to_string()),
             ("STACK_VM", "0".into()),
+            ("KAFKA_STORAGE", kafka_storage.into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
