@@ -9,13 +9,18 @@ use rdkafka::types::RDKafkaErrorCode;
 use tributary_schemas::kafka::KafkaConfig;
 
 pub async fn create_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = kafka.admin().create().context("kafka admin client")?;
+    let admin: AdminClient<DefaultClientContext> =
+        kafka.admin().create().context("kafka admin client")?;
     let specs = kafka.topics.specs(kafka.partitions);
     let topics: Vec<NewTopic<'_>> = specs
         .iter()
         .map(|s| {
             let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(1));
-            if s.compacted { t.set("cleanup.policy", "compact") } else { t }
+            if s.compacted {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
         })
         .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -26,7 +31,9 @@ pub async fn create_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
     for r in results {
         match r {
             Ok(name) => println!("created topic {name}"),
-            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => println!("topic {name} already exists"),
+            Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                println!("topic {name} already exists")
+            }
             Err((name, code)) => anyhow::bail!("cannot create topic {name}: {code}"),
         }
     }

@@ -82,11 +82,16 @@ impl Config {
         match file {
             Some(path) => {
                 if !path.exists() {
-                    return Err(ConfigError(format!("config file {} does not exist", path.display())));
+                    return Err(ConfigError(format!(
+                        "config file {} does not exist",
+                        path.display()
+                    )));
                 }
                 figment = figment.merge(Toml::file(path));
             }
-            None if Path::new("tributary.toml").exists() => figment = figment.merge(Toml::file("tributary.toml")),
+            None if Path::new("tributary.toml").exists() => {
+                figment = figment.merge(Toml::file("tributary.toml"))
+            }
             None => {}
         }
         figment = figment.merge(Env::prefixed("TRIBUTARY_").split("__").ignore(&NOT_KEYS));
@@ -118,24 +123,49 @@ impl Config {
             return bad("kafka.brokers", &"\"\"", "must list at least one host:port");
         }
         if !(1..=1024).contains(&self.kafka.partitions) {
-            return bad("kafka.partitions", &self.kafka.partitions, "must be between 1 and 1024");
+            return bad(
+                "kafka.partitions",
+                &self.kafka.partitions,
+                "must be between 1 and 1024",
+            );
         }
         for (key, name) in [
             ("kafka.topics.raw", &self.kafka.topics.raw),
             ("kafka.topics.telemetry", &self.kafka.topics.telemetry),
             ("kafka.topics.deadletter", &self.kafka.topics.deadletter),
         ] {
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-                return bad(key, &format!("{name:?}"), "must be a non-empty Kafka topic name of [a-zA-Z0-9._-]");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+            {
+                return bad(
+                    key,
+                    &format!("{name:?}"),
+                    "must be a non-empty Kafka topic name of [a-zA-Z0-9._-]",
+                );
             }
         }
         if self.http.listen.parse::<SocketAddr>().is_err() {
-            return bad("http.listen", &format!("{:?}", self.http.listen), "must be an address like 127.0.0.1:8080");
+            return bad(
+                "http.listen",
+                &format!("{:?}", self.http.listen),
+                "must be an address like 127.0.0.1:8080",
+            );
         }
         if self.http.max_body_bytes == 0 || self.http.max_messages == 0 {
-            return bad("http.max_body_bytes / http.max_messages", &0, "must be at least 1");
+            return bad(
+                "http.max_body_bytes / http.max_messages",
+                &0,
+                "must be at least 1",
+            );
         }
-        let devices = self.mqtt.topic_pattern.split('/').filter(|s| *s == "{device}").count();
+        let devices = self
+            .mqtt
+            .topic_pattern
+            .split('/')
+            .filter(|s| *s == "{device}")
+            .count();
         if devices != 1 || self.mqtt.topic_pattern.contains('#') {
             return bad(
                 "mqtt.topic_pattern",
@@ -144,7 +174,11 @@ impl Config {
             );
         }
         if self.mqtt.share_group.is_empty() || self.mqtt.share_group.contains(['/', '+', '#']) {
-            return bad("mqtt.share_group", &format!("{:?}", self.mqtt.share_group), "must be a non-empty name without / + #");
+            return bad(
+                "mqtt.share_group",
+                &format!("{:?}", self.mqtt.share_group),
+                "must be a non-empty name without / + #",
+            );
         }
         if self.mqtt.receive_maximum == 0 {
             return bad("mqtt.receive_maximum", &0, "must be between 1 and 65535");
@@ -158,8 +192,14 @@ impl Config {
         if let Err(e) = self.lake.root_url() {
             return Err(ConfigError(format!("`lake.url`: {e}")));
         }
-        if !self.simulator.http_url.starts_with("http://") && !self.simulator.http_url.starts_with("https://") {
-            return bad("simulator.http_url", &format!("{:?}", self.simulator.http_url), "must start with http:// or https://");
+        if !self.simulator.http_url.starts_with("http://")
+            && !self.simulator.http_url.starts_with("https://")
+        {
+            return bad(
+                "simulator.http_url",
+                &format!("{:?}", self.simulator.http_url),
+                "must start with http:// or https://",
+            );
         }
         Ok(())
     }
@@ -193,30 +233,49 @@ mod tests {
     fn invalid_values_name_the_key_and_what_is_allowed() {
         let mut c = Config::default();
         c.kafka.partitions = 0;
-        assert_eq!(c.validate().unwrap_err().to_string(), "invalid configuration: `kafka.partitions` = 0: must be between 1 and 1024");
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid configuration: `kafka.partitions` = 0: must be between 1 and 1024"
+        );
         let mut c = Config::default();
         c.mqtt.topic_pattern = "devices/+/telemetry".into();
-        assert!(c.validate().unwrap_err().to_string().contains("`mqtt.topic_pattern`"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("`mqtt.topic_pattern`")
+        );
         let mut c = Config::default();
         c.lake.url = "ftp://host/x".into();
         let e = c.validate().unwrap_err().to_string();
-        assert!(e.contains("`lake.url`") && e.contains("allowed: a local path, file:// or s3://"), "{e}");
+        assert!(
+            e.contains("`lake.url`") && e.contains("allowed: a local path, file:// or s3://"),
+            "{e}"
+        );
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's own error type
     fn file_and_environment_are_merged_and_type_errors_name_the_key() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("t.toml", "[kafka]\nbrokers = \"10.0.0.1:9092\"\n[lake]\nurl = \"lake\"\n")?;
+            jail.create_file(
+                "t.toml",
+                "[kafka]\nbrokers = \"10.0.0.1:9092\"\n[lake]\nurl = \"lake\"\n",
+            )?;
             jail.set_env("TRIBUTARY_HTTP__LISTEN", "127.0.0.1:9999");
             let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.kafka.brokers, "10.0.0.1:9092");
             assert_eq!(c.http.listen, "127.0.0.1:9999");
             jail.set_env("TRIBUTARY_KAFKA__PARTITIONS", "many");
-            let e = Config::load(Some(Path::new("t.toml"))).unwrap_err().to_string();
+            let e = Config::load(Some(Path::new("t.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("`kafka.partitions`"), "{e}");
             jail.set_env("TRIBUTARY_KAFKA__PARTITIONS", "3");
             jail.set_env("TRIBUTARY_KAFKA__BROKERZ", "x");
-            let e = Config::load(Some(Path::new("t.toml"))).unwrap_err().to_string();
+            let e = Config::load(Some(Path::new("t.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("brokerz"), "{e}");
             Ok(())
         });

@@ -43,13 +43,18 @@ fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
     f.write_all(contents)?;
     Ok(())
 }
 
 pub fn seed(config: &Config, args: SeedArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.count >= 1 && args.tenants >= 1, "--count and --tenants must be at least 1");
+    anyhow::ensure!(
+        args.count >= 1 && args.tenants >= 1,
+        "--count and --tenants must be at least 1"
+    );
     let mut rng = rand::rng();
     let mut secrets = Vec::with_capacity(args.count);
     let mut devices = Vec::with_capacity(args.count);
@@ -66,13 +71,23 @@ pub fn seed(config: &Config, args: SeedArgs) -> anyhow::Result<()> {
             enabled: true,
             subject: None,
         });
-        secrets.push(DeviceSecret { device, tenant, token });
+        secrets.push(DeviceSecret {
+            device,
+            tenant,
+            token,
+        });
     }
     let registry = serde_json::to_vec_pretty(&RegistryFile { devices })?;
     write_private(&config.registry.path, &registry)?;
-    write_private(&config.simulator.tokens_path, &serde_json::to_vec_pretty(&secrets)?)?;
+    write_private(
+        &config.simulator.tokens_path,
+        &serde_json::to_vec_pretty(&secrets)?,
+    )?;
     if let Some(path) = &args.mosquitto_passwd {
-        let lines: String = secrets.iter().map(|s| format!("{}:{}\n", s.device, s.token)).collect();
+        let lines: String = secrets
+            .iter()
+            .map(|s| format!("{}:{}\n", s.device, s.token))
+            .collect();
         write_private(path, lines.as_bytes())?;
     }
     println!(
@@ -87,6 +102,11 @@ pub fn seed(config: &Config, args: SeedArgs) -> anyhow::Result<()> {
 
 /// The secrets written by [`seed`].
 pub fn load_secrets(path: &Path) -> anyhow::Result<Vec<DeviceSecret>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading device tokens {} (run `tributary devices seed`)", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "reading device tokens {} (run `tributary devices seed`)",
+            path.display()
+        )
+    })?;
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
 }

@@ -96,7 +96,11 @@ enum Format {
 fn init_tracing() {
     let filter = EnvFilter::try_from_env("TRIBUTARY_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn,deltalake_core=error,buoyant_kernel=warn,datafusion=warn"));
+        .unwrap_or_else(|_| {
+            EnvFilter::new(
+                "info,rdkafka=warn,deltalake_core=error,buoyant_kernel=warn,datafusion=warn",
+            )
+        });
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -109,14 +113,19 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing();
     let config = Config::load(cli.config.as_deref())?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Run { stage } => pipeline::run(config, stage).await,
             Command::Simulate(args) => simulator::run(&config, args).await,
             Command::Sql { query, format } => {
                 let engine = tributary_query::SqlEngine::over_lake(&config.lake).await?;
-                let batches = engine.query(&query).await.with_context(|| format!("query failed: {query}"))?;
+                let batches = engine
+                    .query(&query)
+                    .await
+                    .with_context(|| format!("query failed: {query}"))?;
                 let format = match format {
                     Format::Table => tributary_query::OutputFormat::Table,
                     Format::Csv => tributary_query::OutputFormat::Csv,

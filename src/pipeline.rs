@@ -44,7 +44,8 @@ impl Stage {
 
 pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
     let registry = Arc::new(
-        DeviceRegistry::load(&config.registry.path).context("loading the device registry (create one with `tributary devices seed`)")?,
+        DeviceRegistry::load(&config.registry.path)
+            .context("loading the device registry (create one with `tributary devices seed`)")?,
     );
     tracing::info!(devices = registry.len(), ?stage, "starting");
     let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
@@ -66,19 +67,31 @@ pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
         }
     }
     if stage.includes(Stage::Cleanse) {
-        let cleanse = CleanseStage::new(config.kafka.clone(), config.cleanse.clone(), registry.clone());
+        let cleanse = CleanseStage::new(
+            config.kafka.clone(),
+            config.cleanse.clone(),
+            registry.clone(),
+        );
         tasks.spawn(async move {
             cleanse.run().await?;
             Ok("cleanse")
         });
     }
     if stage.includes(Stage::Lake) {
-        let telemetry = DeltaSink::<Reading>::new(config.kafka.clone(), config.lake.clone(), config.kafka.topics.telemetry.clone());
+        let telemetry = DeltaSink::<Reading>::new(
+            config.kafka.clone(),
+            config.lake.clone(),
+            config.kafka.topics.telemetry.clone(),
+        );
         tasks.spawn(async move {
             telemetry.run().await?;
             Ok("lake-telemetry")
         });
-        let deadletter = DeltaSink::<DeadLetter>::new(config.kafka.clone(), config.lake.clone(), config.kafka.topics.deadletter.clone());
+        let deadletter = DeltaSink::<DeadLetter>::new(
+            config.kafka.clone(),
+            config.lake.clone(),
+            config.kafka.topics.deadletter.clone(),
+        );
         tasks.spawn(async move {
             deadletter.run().await?;
             Ok("lake-deadletter")

@@ -61,8 +61,13 @@ pub struct SimulateArgs {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len()));
-    let n: f64 = num.parse().map_err(|_| format!("`{s}` is not a duration like 30s or 2m"))?;
+    let (num, unit) = s.split_at(
+        s.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len()),
+    );
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration like 30s or 2m"))?;
     let secs = match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -132,8 +137,10 @@ impl Generator {
         let id = format!("{}-{}-{}", self.run_id, d.secret.device, d.seq);
         let t = chrono::Utc::now();
         let secs = t.timestamp() as f64;
-        let temperature = 20.0 + 4.0 * ((secs / 600.0) + d.phase).sin() + self.rng.random_range(-0.3..0.3);
-        let humidity = 45.0 + 10.0 * ((secs / 900.0) + d.phase).cos() + self.rng.random_range(-1.0..1.0);
+        let temperature =
+            20.0 + 4.0 * ((secs / 600.0) + d.phase).sin() + self.rng.random_range(-0.3..0.3);
+        let humidity =
+            45.0 + 10.0 * ((secs / 900.0) + d.phase).cos() + self.rng.random_range(-1.0..1.0);
         d.battery = (d.battery - self.rng.random_range(0.0..0.0005)).max(3.2);
         let round = |v: f64| (v * 100.0).round() / 100.0;
         let time = t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -198,7 +205,7 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
         .map(|secret| DeviceModel {
             secret,
             seq: 0,
-            phase: rng.random_range(0.0..6.28),
+            phase: rng.random_range(0.0..std::f64::consts::TAU),
             battery: rng.random_range(3.7..4.2),
             last: None,
         })
@@ -238,8 +245,13 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
 
     match args.via {
         Via::Http => {
-            let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-            let url = format!("{}/v1/telemetry", config.simulator.http_url.trim_end_matches('/'));
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            let url = format!(
+                "{}/v1/telemetry",
+                config.simulator.http_url.trim_end_matches('/')
+            );
             let (tx, rx) = async_channel(args.concurrency * 2);
             let mut workers = Vec::new();
             for _ in 0..args.concurrency.max(1) {
@@ -271,7 +283,9 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
                 }
                 sent_units += n;
                 tokio::time::sleep_until(pace(sent_units).into()).await;
-                tx.send((d.secret.token.clone(), lines, n)).await.context("http workers stopped")?;
+                tx.send((d.secret.token.clone(), lines, n))
+                    .await
+                    .context("http workers stopped")?;
             }
             drop(tx);
             for w in workers {
@@ -282,7 +296,11 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
             let mut clients = Vec::new();
             let published_acked = acked.clone();
             for (n, d) in devices.iter().enumerate() {
-                let mut opts = MqttOptions::new(format!("sim-{}-{}", summary.run_id, n), &config.mqtt.host, config.mqtt.port);
+                let mut opts = MqttOptions::new(
+                    format!("sim-{}-{}", summary.run_id, n),
+                    &config.mqtt.host,
+                    config.mqtt.port,
+                );
                 opts.set_credentials(d.secret.device.clone(), d.secret.token.clone());
                 opts.set_keep_alive(Duration::from_secs(30));
                 let (client, mut eventloop) = AsyncClient::new(opts, 1000);
@@ -319,7 +337,12 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
                 sent_units += 1;
                 tokio::time::sleep_until(pace(sent_units).into()).await;
                 clients[k]
-                    .publish(config.mqtt.device_topic(&d.secret.device), QoS::AtLeastOnce, false, body)
+                    .publish(
+                        config.mqtt.device_topic(&d.secret.device),
+                        QoS::AtLeastOnce,
+                        false,
+                        body,
+                    )
                     .await
                     .context("publishing")?;
                 published += 1;
@@ -365,7 +388,13 @@ impl SharedReceiver {
 
 /// Posts until the ingest answers 202, as a device with at-least-once delivery does. Retries on
 /// connection errors, 429 and 5xx; any other answer is an error.
-async fn post_until_accepted(client: &reqwest::Client, url: &str, token: &str, body: Vec<u8>, retries: &AtomicU64) -> anyhow::Result<()> {
+async fn post_until_accepted(
+    client: &reqwest::Client,
+    url: &str,
+    token: &str,
+    body: Vec<u8>,
+    retries: &AtomicU64,
+) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(100);
     let give_up = Instant::now() + Duration::from_secs(180);
     loop {
@@ -378,7 +407,9 @@ async fn post_until_accepted(client: &reqwest::Client, url: &str, token: &str, b
             .await;
         match result {
             Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => return Ok(()),
-            Ok(r) if r.status().is_server_error() || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {}
+            Ok(r)
+                if r.status().is_server_error()
+                    || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {}
             Ok(r) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();
@@ -387,7 +418,10 @@ async fn post_until_accepted(client: &reqwest::Client, url: &str, token: &str, b
             Err(e) => tracing::debug!(error = %e, "ingest unreachable; retrying"),
         }
         retries.fetch_add(1, Ordering::Relaxed);
-        anyhow::ensure!(Instant::now() < give_up, "ingest did not accept a request for 180 s");
+        anyhow::ensure!(
+            Instant::now() < give_up,
+            "ingest did not accept a request for 180 s"
+        );
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
     }

@@ -13,7 +13,21 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let mut pipeline = stack.spawn_pipeline(0);
     let simulate = |via: &str, seed: &str| {
         stack
-            .cmd(&["simulate", "--via", via, "--devices", "20", "--messages", "8000", "--rate", "600", "--batch", "10", "--seed", seed])
+            .cmd(&[
+                "simulate",
+                "--via",
+                via,
+                "--devices",
+                "20",
+                "--messages",
+                "8000",
+                "--rate",
+                "600",
+                "--batch",
+                "10",
+                "--seed",
+                seed,
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -31,7 +45,10 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         }
         std::thread::sleep(Duration::from_millis(700));
         let pid = pipeline.id();
-        let status = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        let status = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         let _ = pipeline.wait();
         std::thread::sleep(Duration::from_millis(500));
@@ -40,13 +57,25 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
 
     let mqtt = summary(&String::from_utf8(mqtt.wait_with_output().unwrap().stdout).unwrap());
     let http = summary(&String::from_utf8(http.wait_with_output().unwrap().stdout).unwrap());
-    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} missing in {v}"));
+    let n = |v: &serde_json::Value, k: &str| {
+        v[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing in {v}"))
+    };
     let expected_readings = n(&mqtt, "expected_readings") + n(&http, "expected_readings");
     let expected_dead = n(&mqtt, "expected_dead_letters") + n(&http, "expected_dead_letters");
-    assert!(n(&http, "retries") > 0, "the HTTP devices should have seen the pipeline go away: {http}");
+    assert!(
+        n(&http, "retries") > 0,
+        "the HTTP devices should have seen the pipeline go away: {http}"
+    );
 
-    let (rows, dead) = stack.wait_for_rows(expected_readings, expected_dead, Duration::from_secs(90));
-    assert_eq!((rows, dead), (expected_readings, expected_dead), "nothing lost, nothing duplicated\n{}", stack.logs());
+    let (rows, dead) =
+        stack.wait_for_rows(expected_readings, expected_dead, Duration::from_secs(90));
+    assert_eq!(
+        (rows, dead),
+        (expected_readings, expected_dead),
+        "nothing lost, nothing duplicated\n{}",
+        stack.logs()
+    );
     let dups = stack.sql("SELECT count(*) AS n FROM (SELECT tenant, device, event_id, metric FROM telemetry GROUP BY 1,2,3,4 HAVING count(*) > 1)");
     assert_eq!(dups[0]["n"], 0);
     let dead_dups = stack.sql("SELECT count(*) AS n FROM (SELECT source_partition, source_offset, source_index FROM deadletter GROUP BY 1,2,3 HAVING count(*) > 1)");

@@ -54,7 +54,11 @@ struct AppState {
 }
 
 impl HttpIngest {
-    pub fn new(config: HttpConfig, registry: Arc<DeviceRegistry>, producer: Arc<RawProducer>) -> Self {
+    pub fn new(
+        config: HttpConfig,
+        registry: Arc<DeviceRegistry>,
+        producer: Arc<RawProducer>,
+    ) -> Self {
         let state = Arc::new(AppState {
             registry,
             producer,
@@ -73,15 +77,24 @@ impl HttpIngest {
     }
 
     /// Serves until `shutdown` resolves.
-    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), IngestError> {
-        let addr: SocketAddr = self.config.listen.parse().map_err(|e| IngestError::Listen {
-            addr: self.config.listen.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
-        })?;
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| IngestError::Listen {
-            addr: self.config.listen.clone(),
-            source,
-        })?;
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), IngestError> {
+        let addr: SocketAddr = self
+            .config
+            .listen
+            .parse()
+            .map_err(|e| IngestError::Listen {
+                addr: self.config.listen.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+            })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| IngestError::Listen {
+                addr: self.config.listen.clone(),
+                source,
+            })?;
         tracing::info!(%addr, "http ingest listening");
         axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
@@ -102,24 +115,37 @@ fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) ->
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         StatusCode::SERVICE_UNAVAILABLE => {
-            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         _ => {}
     }
     resp
 }
 
-async fn telemetry(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn telemetry(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(device) = token.and_then(|t| state.registry.authenticate(t)) else {
-        return error(StatusCode::UNAUTHORIZED, "missing or unknown bearer token", None);
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or unknown bearer token",
+            None,
+        );
     };
     if !device.enabled {
-        return error(StatusCode::FORBIDDEN, format!("device `{}` is disabled", device.id), None);
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("device `{}` is disabled", device.id),
+            None,
+        );
     }
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -141,14 +167,24 @@ async fn telemetry(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
     if messages.len() > state.max_messages {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{} messages in one request; at most {} are allowed", messages.len(), state.max_messages),
+            format!(
+                "{} messages in one request; at most {} are allowed",
+                messages.len(),
+                state.max_messages
+            ),
             None,
         );
     }
-    if let Some(other) = messages.iter().find_map(|m| m.device.as_deref().filter(|d| *d != device.id)) {
+    if let Some(other) = messages
+        .iter()
+        .find_map(|m| m.device.as_deref().filter(|d| *d != device.id))
+    {
         return error(
             StatusCode::FORBIDDEN,
-            format!("token of device `{}` cannot send as device `{other}`", device.id),
+            format!(
+                "token of device `{}` cannot send as device `{other}`",
+                device.id
+            ),
             Some("device"),
         );
     }
@@ -157,7 +193,10 @@ async fn telemetry(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
     let mut ids = Vec::with_capacity(messages.len());
     for m in &messages {
         let envelope = RawEnvelope {
-            event_id: m.id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            event_id: m
+                .id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
             tenant: device.tenant.clone(),
             device: device.id.clone(),
             source: Source::Http,
@@ -171,7 +210,11 @@ async fn telemetry(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
             Ok(p) => pending.push(p),
             Err(e) => {
                 tracing::warn!(error = %e, device = %device.id, "raw produce refused");
-                return error(StatusCode::SERVICE_UNAVAILABLE, "event log unavailable, retry later", None);
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "event log unavailable, retry later",
+                    None,
+                );
             }
         }
         ids.push(envelope.event_id);
@@ -179,7 +222,11 @@ async fn telemetry(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
     for result in futures::future::join_all(pending.into_iter().map(|p| p.acked())).await {
         if let Err(e) = result {
             tracing::warn!(error = %e, device = %device.id, "raw produce failed");
-            return error(StatusCode::SERVICE_UNAVAILABLE, "event log unavailable, retry later", None);
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "event log unavailable, retry later",
+                None,
+            );
         }
     }
     (

@@ -19,7 +19,10 @@ pub enum IngestError {
     #[error("encoding raw envelope: {0}")]
     Encode(#[from] tributary_schemas::avro::AvroError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("http server: {0}")]
     Serve(std::io::Error),
     #[error("mqtt: {0}")]

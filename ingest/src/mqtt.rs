@@ -72,7 +72,11 @@ impl Default for MqttConfig {
 impl MqttConfig {
     /// The subscription filter: the pattern with `+` for the device, shared by `share_group`.
     pub fn shared_filter(&self) -> String {
-        format!("$share/{}/{}", self.share_group, self.topic_pattern.replace("{device}", "+"))
+        format!(
+            "$share/{}/{}",
+            self.share_group,
+            self.topic_pattern.replace("{device}", "+")
+        )
     }
 
     /// The topic a device publishes to.
@@ -116,7 +120,11 @@ struct InFlight {
 }
 
 impl MqttBridge {
-    pub fn new(config: MqttConfig, registry: Arc<DeviceRegistry>, producer: Arc<RawProducer>) -> Self {
+    pub fn new(
+        config: MqttConfig,
+        registry: Arc<DeviceRegistry>,
+        producer: Arc<RawProducer>,
+    ) -> Self {
         Self {
             config,
             registry,
@@ -136,7 +144,13 @@ impl MqttBridge {
             BodyFormat::SenmlJson => None,
             _ => payload::split_body(BodyFormat::Json, &publish.payload)
                 .ok()
-                .and_then(|mut m| if m.len() == 1 { m.pop().and_then(|m| m.id) } else { None }),
+                .and_then(|mut m| {
+                    if m.len() == 1 {
+                        m.pop().and_then(|m| m.id)
+                    } else {
+                        None
+                    }
+                }),
         };
         RawEnvelope {
             event_id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
@@ -153,7 +167,8 @@ impl MqttBridge {
 
     /// Runs until the task is cancelled. Reconnects on its own.
     pub async fn run(self) -> Result<(), IngestError> {
-        let mut options = MqttOptions::new(&self.config.client_id, &self.config.host, self.config.port);
+        let mut options =
+            MqttOptions::new(&self.config.client_id, &self.config.host, self.config.port);
         options
             .set_clean_start(false)
             .set_session_expiry_interval(Some(self.config.session_expiry_secs))
@@ -161,7 +176,10 @@ impl MqttBridge {
             .set_manual_acks(true)
             .set_keep_alive(Duration::from_secs(15));
         if let Some(user) = &self.config.username {
-            options.set_credentials(user.clone(), self.config.password.clone().unwrap_or_default());
+            options.set_credentials(
+                user.clone(),
+                self.config.password.clone().unwrap_or_default(),
+            );
         }
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let filter = self.config.shared_filter();
@@ -207,7 +225,10 @@ impl MqttBridge {
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    tracing::info!(session_present = ack.session_present, "mqtt bridge connected");
+                    tracing::info!(
+                        session_present = ack.session_present,
+                        "mqtt bridge connected"
+                    );
                     if !ack.session_present {
                         client
                             .subscribe(filter.clone(), QoS::AtLeastOnce)

@@ -58,7 +58,11 @@ impl RawProducer {
     }
 
     /// Like [`enqueue`](Self::enqueue) for an already encoded envelope (retries keep the bytes).
-    pub async fn enqueue_encoded(&self, device: &str, payload: &[u8]) -> Result<Pending, IngestError> {
+    pub async fn enqueue_encoded(
+        &self,
+        device: &str,
+        payload: &[u8],
+    ) -> Result<Pending, IngestError> {
         loop {
             let record = FutureRecord::to(&self.topic).key(device).payload(payload);
             match self.producer.send_result(record) {

@@ -52,7 +52,9 @@ pub async fn txn_version(table: &DeltaTable, app_id: &str) -> Result<Option<i64>
         return Ok(None);
     }
     let snapshot = table.snapshot()?;
-    Ok(snapshot.transaction_version(table.log_store().as_ref(), app_id).await?)
+    Ok(snapshot
+        .transaction_version(table.log_store().as_ref(), app_id)
+        .await?)
 }
 
 #[derive(Debug, Default)]
@@ -92,15 +94,23 @@ impl<R: LakeRow> DeltaSink<R> {
     }
 
     fn source_app_id(&self, topic: &str, partition: i32) -> String {
-        format!("tributary-lake/{}/source/{}/{}", self.table, topic, partition)
+        format!(
+            "tributary-lake/{}/source/{}/{}",
+            self.table, topic, partition
+        )
     }
 
     /// Runs until the task is cancelled or a non-retryable error.
     pub async fn run(self) -> Result<(), LakeError> {
         let context = RecordingContext::default();
-        let consumer: StreamConsumer<RecordingContext> =
-            self.kafka.consumer(&self.stage()).create_with_context(context.clone())?;
-        let producer: FutureProducer = self.kafka.producer(&format!("tributary-{}", self.stage())).create()?;
+        let consumer: StreamConsumer<RecordingContext> = self
+            .kafka
+            .consumer(&self.stage())
+            .create_with_context(context.clone())?;
+        let producer: FutureProducer = self
+            .kafka
+            .producer(&format!("tributary-{}", self.stage()))
+            .create()?;
         let mut table = open_table(&self.lake, &self.table).await?;
         self.align_group_offsets(&consumer, &table).await?;
         consumer.subscribe(&[&self.topic])?;
@@ -120,14 +130,18 @@ impl<R: LakeRow> DeltaSink<R> {
                 Some(t) => flush_interval.saturating_sub(t.elapsed()),
                 None => flush_interval,
             };
-            let received = tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()).await;
+            let received =
+                tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()).await;
             for change in context.drain() {
                 match change {
                     PartitionChange::Revoked(ps) => {
                         for (_, p) in ps {
                             parts.remove(&p);
-                            let kept: Vec<(i32, R)> =
-                                row_parts.drain(..).zip(rows.drain(..)).filter(|(rp, _)| *rp != p).collect();
+                            let kept: Vec<(i32, R)> = row_parts
+                                .drain(..)
+                                .zip(rows.drain(..))
+                                .filter(|(rp, _)| *rp != p)
+                                .collect();
                             (row_parts, rows) = kept.into_iter().unzip();
                         }
                         touched_sources.clear();
@@ -171,7 +185,8 @@ impl<R: LakeRow> DeltaSink<R> {
                     let row = match decode::<R>(payload) {
                         Ok(r) => r,
                         Err(e) => {
-                            self.dead_letter(&producer, p, offset, payload, &e.to_string()).await?;
+                            self.dead_letter(&producer, p, offset, payload, &e.to_string())
+                                .await?;
                             continue;
                         }
                     };
@@ -199,7 +214,8 @@ impl<R: LakeRow> DeltaSink<R> {
                 Ok(Err(e)) => tracing::warn!(error = %e, "consume error"),
                 Err(_) => {}
             }
-            let due = oldest.is_some_and(|t| t.elapsed() >= flush_interval) || rows.len() >= self.lake.flush_rows;
+            let due = oldest.is_some_and(|t| t.elapsed() >= flush_interval)
+                || rows.len() >= self.lake.flush_rows;
             if !due {
                 continue;
             }
@@ -224,7 +240,9 @@ impl<R: LakeRow> DeltaSink<R> {
                 .write(vec![batch])
                 .with_save_mode(SaveMode::Append)
                 .with_partition_columns(PARTITION_COLUMNS)
-                .with_commit_properties(CommitProperties::default().with_application_transactions(txns))
+                .with_commit_properties(
+                    CommitProperties::default().with_application_transactions(txns),
+                )
                 .await;
             match result {
                 Ok(t) => {
@@ -265,7 +283,11 @@ impl<R: LakeRow> DeltaSink<R> {
 
     /// Commits the offsets recorded in the table to the consumer group before joining it, so every
     /// partition starts exactly where the table ends (the table is the truth; Kafka's copy may lag).
-    async fn align_group_offsets(&self, consumer: &StreamConsumer<RecordingContext>, table: &DeltaTable) -> Result<(), LakeError> {
+    async fn align_group_offsets(
+        &self,
+        consumer: &StreamConsumer<RecordingContext>,
+        table: &DeltaTable,
+    ) -> Result<(), LakeError> {
         let metadata = consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10))?;
         let partitions: Vec<i32> = metadata
             .topics()
@@ -287,7 +309,14 @@ impl<R: LakeRow> DeltaSink<R> {
     }
 
     /// Keeps a record this sink cannot decode in `deadletter`, with its position.
-    async fn dead_letter(&self, producer: &FutureProducer, partition: i32, offset: i64, bytes: &[u8], reason: &str) -> Result<(), LakeError> {
+    async fn dead_letter(
+        &self,
+        producer: &FutureProducer,
+        partition: i32,
+        offset: i64,
+        bytes: &[u8],
+        reason: &str,
+    ) -> Result<(), LakeError> {
         tracing::warn!(topic = %self.topic, partition, offset, reason, "undecodable record dead-lettered");
         let dl = DeadLetter {
             tenant: String::new(),
@@ -305,7 +334,9 @@ impl<R: LakeRow> DeltaSink<R> {
             original: bytes.to_vec(),
         };
         let encoded = avro::encode(&dl)?;
-        let record = FutureRecord::to(&self.kafka.topics.deadletter).key("").payload(&encoded);
+        let record = FutureRecord::to(&self.kafka.topics.deadletter)
+            .key("")
+            .payload(&encoded);
         producer
             .send(record, Duration::from_secs(30))
             .await

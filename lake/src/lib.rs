@@ -53,7 +53,10 @@ impl std::fmt::Debug for LakeConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LakeConfig")
             .field("url", &self.url)
-            .field("storage_options", &self.storage_options.keys().collect::<Vec<_>>())
+            .field(
+                "storage_options",
+                &self.storage_options.keys().collect::<Vec<_>>(),
+            )
             .field("flush_rows", &self.flush_rows)
             .field("flush_interval_ms", &self.flush_interval_ms)
             .finish()
@@ -92,10 +95,15 @@ impl LakeConfig {
                 Ok(with_trailing_slash(u))
             }
             Ok(u) if u.scheme() == "file" => {
-                let path = u.to_file_path().map_err(|_| bad("not a local file path".into()))?;
+                let path = u
+                    .to_file_path()
+                    .map_err(|_| bad("not a local file path".into()))?;
                 Self::local_url(&path).map_err(bad)
             }
-            Ok(u) if u.scheme().len() > 1 => Err(bad(format!("scheme `{}` is not supported; allowed: {LAKE_SCHEMES}", u.scheme()))),
+            Ok(u) if u.scheme().len() > 1 => Err(bad(format!(
+                "scheme `{}` is not supported; allowed: {LAKE_SCHEMES}",
+                u.scheme()
+            ))),
             _ => Self::local_url(std::path::Path::new(&self.url)).map_err(bad),
         }
     }
@@ -109,15 +117,18 @@ impl LakeConfig {
     /// Where one table lives.
     pub fn table_url(&self, table: &str) -> Result<Url, LakeError> {
         let root = self.root_url()?;
-        root.join(&format!("{table}/")).map_err(|e| LakeError::BadUrl {
-            url: self.url.clone(),
-            reason: e.to_string(),
-        })
+        root.join(&format!("{table}/"))
+            .map_err(|e| LakeError::BadUrl {
+                url: self.url.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// Whether the lake is on the local disk.
     pub fn is_local(&self) -> bool {
-        self.root_url().map(|u| u.scheme() == "file").unwrap_or(false)
+        self.root_url()
+            .map(|u| u.scheme() == "file")
+            .unwrap_or(false)
     }
 }
 
@@ -147,18 +158,27 @@ mod tests {
             url: "s3://bucket/prefix".into(),
             ..Default::default()
         };
-        assert_eq!(s3.table_url("deadletter").unwrap().as_str(), "s3://bucket/prefix/deadletter/");
+        assert_eq!(
+            s3.table_url("deadletter").unwrap().as_str(),
+            "s3://bucket/prefix/deadletter/"
+        );
         let bad = LakeConfig {
             url: "gopher://x".into(),
             ..Default::default()
         };
-        assert!(bad.root_url().unwrap_err().to_string().contains("allowed: a local path, file:// or s3://"));
+        assert!(
+            bad.root_url()
+                .unwrap_err()
+                .to_string()
+                .contains("allowed: a local path, file:// or s3://")
+        );
     }
 
     #[test]
     fn debug_hides_storage_secrets() {
         let mut c = LakeConfig::default();
-        c.storage_options.insert("AWS_SECRET_ACCESS_KEY".into(), "hunter2".into());
+        c.storage_options
+            .insert("AWS_SECRET_ACCESS_KEY".into(), "hunter2".into());
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -6,8 +6,8 @@
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    ArrayRef, BinaryBuilder, Date32Builder, Float64Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder,
+    ArrayRef, BinaryBuilder, Date32Builder, Float64Builder, Int32Builder, Int64Builder,
+    RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use tributary_schemas::avro::{Derived, TopicRecord};
@@ -187,7 +187,10 @@ mod tests {
     #[test]
     fn day_partition_is_the_utc_date() {
         // 2026-11-22T23:59:59Z and 2026-11-23T00:00:00Z
-        assert_eq!(day_of(1_795_391_999_000_000) + 1, day_of(1_795_392_000_000_000));
+        assert_eq!(
+            day_of(1_795_391_999_000_000) + 1,
+            day_of(1_795_392_000_000_000)
+        );
         assert_eq!(day_of(-1), -1);
     }
 }

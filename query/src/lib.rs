@@ -97,7 +97,9 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, Q
         OutputFormat::Csv => {
             let mut out = Vec::new();
             {
-                let mut w = arrow::csv::WriterBuilder::new().with_header(true).build(&mut out);
+                let mut w = arrow::csv::WriterBuilder::new()
+                    .with_header(true)
+                    .build(&mut out);
                 for b in batches {
                     w.write(b)?;
                 }
@@ -141,10 +143,20 @@ mod tests {
             ],
         )
         .unwrap();
-        assert_eq!(render(&[batch.clone()], OutputFormat::Csv).unwrap(), "device,avg\nd1,1.5\nd2,2.0\n");
-        let json: serde_json::Value = serde_json::from_str(&render(&[batch.clone()], OutputFormat::Json).unwrap()).unwrap();
+        assert_eq!(
+            render(std::slice::from_ref(&batch), OutputFormat::Csv).unwrap(),
+            "device,avg\nd1,1.5\nd2,2.0\n"
+        );
+        let json: serde_json::Value = serde_json::from_str(
+            &render(std::slice::from_ref(&batch), OutputFormat::Json).unwrap(),
+        )
+        .unwrap();
         assert_eq!(json[1]["device"], "d2");
-        assert!(render(&[batch], OutputFormat::Table).unwrap().contains("| d1     | 1.5 |"));
+        assert!(
+            render(&[batch], OutputFormat::Table)
+                .unwrap()
+                .contains("| d1     | 1.5 |")
+        );
         assert_eq!(render(&[], OutputFormat::Json).unwrap(), "[]");
     }
 }

@@ -65,7 +65,10 @@ impl KafkaConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("group.id", self.group_id(stage))
-            .set("group.instance.id", format!("{}-{}", self.group_id(stage), self.instance_id))
+            .set(
+                "group.instance.id",
+                format!("{}-{}", self.group_id(stage), self.instance_id),
+            )
             .set("client.id", format!("tributary-{stage}"))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -80,7 +83,10 @@ impl KafkaConfig {
     pub fn reader(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
-            .set("group.id", format!("{}-reader-{client_id}", self.group_prefix))
+            .set(
+                "group.id",
+                format!("{}-reader-{client_id}", self.group_prefix),
+            )
             .set("client.id", client_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
@@ -98,8 +104,6 @@ impl KafkaConfig {
 
 // A consumer context that records partition assignments and revocations, so a stage's loop can
 // reset per-partition state between two `recv` calls.
-
-
 
 /// A change of a consumer's partitions.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +140,11 @@ impl ClientContext for RecordingContext {}
 impl ConsumerContext for RecordingContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let parts = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            let parts = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
             tracing::info!(?parts, "partitions revoked");
             self.push(PartitionChange::Revoked(parts));
         }
@@ -144,7 +152,11 @@ impl ConsumerContext for RecordingContext {
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
-            let parts = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+            let parts = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
             tracing::info!(?parts, "partitions assigned");
             self.push(PartitionChange::Assigned(parts));
         }

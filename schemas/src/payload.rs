@@ -36,10 +36,17 @@ pub enum BodyFormat {
 impl BodyFormat {
     /// The format of a `Content-Type` header value (parameters such as `charset` are ignored).
     pub fn from_content_type(ct: &str) -> Option<Self> {
-        let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match essence.as_str() {
             "application/json" => Some(Self::Json),
-            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Some(Self::NdJson),
+            "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+                Some(Self::NdJson)
+            }
             "application/senml+json" => Some(Self::SenmlJson),
             _ => None,
         }
@@ -105,15 +112,27 @@ pub fn split_body(format: BodyFormat, body: &[u8]) -> Result<Vec<MessageSlice<'_
     match format {
         BodyFormat::SenmlJson => {
             let pack: Vec<&RawValue> = serde_json::from_slice(body).map_err(|e| {
-                PayloadError::new("malformed_json", None, format!("a SenML pack must be a JSON array of records: {e}"))
+                PayloadError::new(
+                    "malformed_json",
+                    None,
+                    format!("a SenML pack must be a JSON array of records: {e}"),
+                )
             })?;
             if pack.is_empty() {
-                return Err(PayloadError::new("empty", None, "the SenML pack has no records"));
+                return Err(PayloadError::new(
+                    "empty",
+                    None,
+                    "the SenML pack has no records",
+                ));
             }
             for (i, record) in pack.iter().enumerate() {
                 if !record.get().trim_start().starts_with('{') {
-                    return Err(PayloadError::new("not_an_object", None, "a SenML record must be a JSON object")
-                        .at(format!("record {i}")));
+                    return Err(PayloadError::new(
+                        "not_an_object",
+                        None,
+                        "a SenML record must be a JSON object",
+                    )
+                    .at(format!("record {i}")));
                 }
             }
             Ok(vec![MessageSlice {
@@ -123,18 +142,26 @@ pub fn split_body(format: BodyFormat, body: &[u8]) -> Result<Vec<MessageSlice<'_
             }])
         }
         BodyFormat::Json => {
-            let text = std::str::from_utf8(body)
-                .map_err(|e| PayloadError::new("malformed_json", None, format!("body is not UTF-8: {e}")))?;
+            let text = std::str::from_utf8(body).map_err(|e| {
+                PayloadError::new("malformed_json", None, format!("body is not UTF-8: {e}"))
+            })?;
             if text.trim_start().starts_with('[') {
                 let items: Vec<&RawValue> = serde_json::from_str(text)
                     .map_err(|e| PayloadError::new("malformed_json", None, e.to_string()))?;
                 if items.is_empty() {
-                    return Err(PayloadError::new("empty", None, "the array has no messages"));
+                    return Err(PayloadError::new(
+                        "empty",
+                        None,
+                        "the array has no messages",
+                    ));
                 }
                 items
                     .into_iter()
                     .enumerate()
-                    .map(|(i, raw)| check_message(raw.get().as_bytes()).map_err(|e| e.at(format!("message {i}"))))
+                    .map(|(i, raw)| {
+                        check_message(raw.get().as_bytes())
+                            .map_err(|e| e.at(format!("message {i}")))
+                    })
                     .collect()
             } else {
                 Ok(vec![check_message(text.trim().as_bytes())?])
@@ -176,14 +203,24 @@ struct MessageShape<'a> {
 
 fn check_message(bytes: &[u8]) -> Result<MessageSlice<'_>, PayloadError> {
     if !bytes.trim_ascii_start().starts_with(b"{") {
-        return Err(PayloadError::new("not_an_object", None, "a message must be a JSON object"));
+        return Err(PayloadError::new(
+            "not_an_object",
+            None,
+            "a message must be a JSON object",
+        ));
     }
-    let shape: MessageShape<'_> =
-        serde_json::from_slice(bytes).map_err(|e| PayloadError::new("malformed_json", None, e.to_string()))?;
+    let shape: MessageShape<'_> = serde_json::from_slice(bytes)
+        .map_err(|e| PayloadError::new("malformed_json", None, e.to_string()))?;
     let id = optional_string(shape.id, "id")?;
     let device = optional_string(shape.device, "device")?;
     match shape.metrics {
-        None => return Err(PayloadError::new("missing_field", Some("metrics"), "is required")),
+        None => {
+            return Err(PayloadError::new(
+                "missing_field",
+                Some("metrics"),
+                "is required",
+            ));
+        }
         Some(m) if !m.get().trim_start().starts_with('{') => {
             return Err(PayloadError::new(
                 "wrong_type",
@@ -201,9 +238,17 @@ fn optional_string(raw: Option<&RawValue>, field: &str) -> Result<Option<String>
         None => Ok(None),
         Some(r) if r.get() == "null" => Ok(None),
         Some(r) => match serde_json::from_str::<String>(r.get()) {
-            Ok(s) if s.is_empty() => Err(PayloadError::new("wrong_type", Some(field), "must not be empty")),
+            Ok(s) if s.is_empty() => Err(PayloadError::new(
+                "wrong_type",
+                Some(field),
+                "must not be empty",
+            )),
             Ok(s) => Ok(Some(s)),
-            Err(_) => Err(PayloadError::new("wrong_type", Some(field), "must be a string")),
+            Err(_) => Err(PayloadError::new(
+                "wrong_type",
+                Some(field),
+                "must be a string",
+            )),
         },
     }
 }
@@ -227,7 +272,11 @@ pub struct ParsedMessage {
 
 /// Reads one message (as split by [`split_body`] or received over MQTT). An error here refuses the
 /// whole message; a bad value refuses only its measurement.
-pub fn parse_message(content_type: &str, bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, PayloadError> {
+pub fn parse_message(
+    content_type: &str,
+    bytes: &[u8],
+    received_at: Micros,
+) -> Result<ParsedMessage, PayloadError> {
     match BodyFormat::from_content_type(content_type) {
         Some(BodyFormat::SenmlJson) => parse_senml(bytes, received_at),
         Some(BodyFormat::Json) | Some(BodyFormat::NdJson) => parse_json(bytes, received_at),
@@ -240,9 +289,14 @@ pub fn parse_message(content_type: &str, bytes: &[u8], received_at: Micros) -> R
 }
 
 fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, PayloadError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| PayloadError::new("malformed_json", None, e.to_string()))?;
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| PayloadError::new("malformed_json", None, e.to_string()))?;
     let Value::Object(obj) = value else {
-        return Err(PayloadError::new("not_an_object", None, "a message must be a JSON object"));
+        return Err(PayloadError::new(
+            "not_an_object",
+            None,
+            "a message must be a JSON object",
+        ));
     };
     let id = string_field(&obj, "id")?;
     let device = string_field(&obj, "device")?;
@@ -259,10 +313,20 @@ fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Payloa
                 "must be an object of metric name to value",
             ));
         }
-        None => return Err(PayloadError::new("missing_field", Some("metrics"), "is required")),
+        None => {
+            return Err(PayloadError::new(
+                "missing_field",
+                Some("metrics"),
+                "is required",
+            ));
+        }
     };
     if metrics.is_empty() {
-        return Err(PayloadError::new("empty", Some("metrics"), "has no metrics"));
+        return Err(PayloadError::new(
+            "empty",
+            Some("metrics"),
+            "has no metrics",
+        ));
     }
     let measurements = metrics
         .iter()
@@ -274,16 +338,24 @@ fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Payloa
                         None | Some(Value::Null) => None,
                         Some(Value::String(u)) => Some(u.clone()),
                         Some(_) => {
-                            return Err(PayloadError::new("wrong_type", Some(&format!("{field}.unit")), "must be a string"));
+                            return Err(PayloadError::new(
+                                "wrong_type",
+                                Some(&format!("{field}.unit")),
+                                "must be a string",
+                            ));
                         }
                     };
                     let time = match o.get("time") {
                         None | Some(Value::Null) => time,
                         Some(t) => parse_time(t, &format!("{field}.time"))?,
                     };
-                    let value = o
-                        .get("value")
-                        .ok_or_else(|| PayloadError::new("missing_field", Some(&format!("{field}.value")), "is required"))?;
+                    let value = o.get("value").ok_or_else(|| {
+                        PayloadError::new(
+                            "missing_field",
+                            Some(&format!("{field}.value")),
+                            "is required",
+                        )
+                    })?;
                     (value, unit, time)
                 }
                 other => (other, None, time),
@@ -307,7 +379,11 @@ fn string_field(obj: &Map<String, Value>, field: &str) -> Result<Option<String>,
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
-        Some(_) => Err(PayloadError::new("wrong_type", Some(field), "must be a non-empty string")),
+        Some(_) => Err(PayloadError::new(
+            "wrong_type",
+            Some(field),
+            "must be a non-empty string",
+        )),
     }
 }
 
@@ -316,11 +392,17 @@ fn numeric(v: &Value, field: &str) -> Result<f64, PayloadError> {
     match v {
         Value::Number(n) => match n.as_f64() {
             Some(f) if f.is_finite() => Ok(f),
-            _ => Err(PayloadError::new("non_finite_value", Some(field), format!("{n} is not a finite number"))),
+            _ => Err(PayloadError::new(
+                "non_finite_value",
+                Some(field),
+                format!("{n} is not a finite number"),
+            )),
         },
-        Value::String(s) if is_non_finite_word(s) => {
-            Err(PayloadError::new("non_finite_value", Some(field), format!("\"{s}\" is not a finite number")))
-        }
+        Value::String(s) if is_non_finite_word(s) => Err(PayloadError::new(
+            "non_finite_value",
+            Some(field),
+            format!("\"{s}\" is not a finite number"),
+        )),
         other => Err(PayloadError::new(
             "non_numeric_value",
             Some(field),
@@ -351,22 +433,41 @@ fn parse_time(v: &Value, field: &str) -> Result<Micros, PayloadError> {
     match v {
         Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
             .map(|t| t.timestamp_micros())
-            .map_err(|e| PayloadError::new("bad_time", Some(field), format!("\"{s}\" is not RFC 3339: {e}"))),
+            .map_err(|e| {
+                PayloadError::new(
+                    "bad_time",
+                    Some(field),
+                    format!("\"{s}\" is not RFC 3339: {e}"),
+                )
+            }),
         Value::Number(n) => n
             .as_i64()
             .and_then(|ms| ms.checked_mul(1000))
-            .ok_or_else(|| PayloadError::new("bad_time", Some(field), format!("{n} is not integer epoch milliseconds"))),
+            .ok_or_else(|| {
+                PayloadError::new(
+                    "bad_time",
+                    Some(field),
+                    format!("{n} is not integer epoch milliseconds"),
+                )
+            }),
         other => Err(PayloadError::new(
             "bad_time",
             Some(field),
-            format!("expected RFC 3339 or epoch milliseconds, found {}", json_kind(other)),
+            format!(
+                "expected RFC 3339 or epoch milliseconds, found {}",
+                json_kind(other)
+            ),
         )),
     }
 }
 
 fn parse_senml(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, PayloadError> {
     let pack: Vec<Map<String, Value>> = serde_json::from_slice(bytes).map_err(|e| {
-        PayloadError::new("malformed_json", None, format!("a SenML pack must be a JSON array of records: {e}"))
+        PayloadError::new(
+            "malformed_json",
+            None,
+            format!("a SenML pack must be a JSON array of records: {e}"),
+        )
     })?;
     let mut base_name = String::new();
     let mut base_time = 0.0f64;
@@ -379,32 +480,42 @@ fn parse_senml(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Paylo
             base_name = bn.clone();
         }
         if let Some(bt) = rec.get("bt") {
-            base_time = bt
-                .as_f64()
-                .ok_or_else(|| PayloadError::new("wrong_type", Some(&field("bt")), "must be a number"))?;
+            base_time = bt.as_f64().ok_or_else(|| {
+                PayloadError::new("wrong_type", Some(&field("bt")), "must be a number")
+            })?;
         }
         if let Some(bu) = rec.get("bu") {
             base_unit = bu.as_str().map(str::to_owned);
         }
         if let Some(bv) = rec.get("bv") {
-            base_value = bv
-                .as_f64()
-                .ok_or_else(|| PayloadError::new("wrong_type", Some(&field("bv")), "must be a number"))?;
+            base_value = bv.as_f64().ok_or_else(|| {
+                PayloadError::new("wrong_type", Some(&field("bv")), "must be a number")
+            })?;
         }
-        let has_value = ["v", "vs", "vb", "vd", "s"].iter().any(|k| rec.contains_key(*k));
+        let has_value = ["v", "vs", "vb", "vd", "s"]
+            .iter()
+            .any(|k| rec.contains_key(*k));
         if !has_value {
             // A record with only base fields carries no measurement.
             if rec.keys().all(|k| k.starts_with('b')) {
                 continue;
             }
-            measurements.push(Err(PayloadError::new("missing_field", Some(&field("v")), "record has no value")));
+            measurements.push(Err(PayloadError::new(
+                "missing_field",
+                Some(&field("v")),
+                "record has no value",
+            )));
             continue;
         }
         let name = match rec.get("n") {
             Some(Value::String(n)) if !n.is_empty() => n.clone(),
             Some(Value::String(_)) | None if !base_name.is_empty() => base_name.clone(),
             _ => {
-                measurements.push(Err(PayloadError::new("missing_field", Some(&field("n")), "record has no name")));
+                measurements.push(Err(PayloadError::new(
+                    "missing_field",
+                    Some(&field("n")),
+                    "record has no name",
+                )));
                 continue;
             }
         };
@@ -413,7 +524,11 @@ fn parse_senml(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Paylo
             Some(t) => match t.as_f64() {
                 Some(t) => t,
                 None => {
-                    measurements.push(Err(PayloadError::new("bad_time", Some(&field("t")), "must be a number")));
+                    measurements.push(Err(PayloadError::new(
+                        "bad_time",
+                        Some(&field("t")),
+                        "must be a number",
+                    )));
                     continue;
                 }
             },
@@ -424,11 +539,20 @@ fn parse_senml(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Paylo
         } else {
             (seconds * 1e6) as i64
         };
-        let value_field = if rec.contains_key("v") { "v" } else if rec.contains_key("s") { "s" } else { "vs" };
+        let value_field = if rec.contains_key("v") {
+            "v"
+        } else if rec.contains_key("s") {
+            "s"
+        } else {
+            "vs"
+        };
         let measurement = match rec.get("v").or_else(|| rec.get("s")) {
             Some(v) => numeric(v, &field(value_field)).map(|v| v + base_value),
             None => {
-                let key = ["vs", "vb", "vd"].into_iter().find(|k| rec.contains_key(*k)).unwrap_or("vs");
+                let key = ["vs", "vb", "vd"]
+                    .into_iter()
+                    .find(|k| rec.contains_key(*k))
+                    .unwrap_or("vs");
                 Err(PayloadError::new(
                     "non_numeric_value",
                     Some(&field(key)),
@@ -439,13 +563,21 @@ fn parse_senml(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Paylo
         .map(|value| Measurement {
             metric: name,
             value,
-            unit: rec.get("u").and_then(Value::as_str).map(str::to_owned).or_else(|| base_unit.clone()),
+            unit: rec
+                .get("u")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .or_else(|| base_unit.clone()),
             time,
         });
         measurements.push(measurement);
     }
     if measurements.is_empty() {
-        return Err(PayloadError::new("empty", None, "the SenML pack has no records with a value"));
+        return Err(PayloadError::new(
+            "empty",
+            None,
+            "the SenML pack has no records with a value",
+        ));
     }
     Ok(ParsedMessage {
         id: None,
@@ -511,18 +643,30 @@ mod tests {
         assert_eq!(t.value, 21.5);
         assert_eq!(t.time, 1_763_780_400_000_000);
         let v = by_name("battery_voltage").unwrap();
-        assert_eq!((v.unit.as_deref(), v.time), (Some("V"), 1_763_780_400_000_000));
+        assert_eq!(
+            (v.unit.as_deref(), v.time),
+            (Some("V"), 1_763_780_400_000_000)
+        );
         assert_eq!(by_name("door").unwrap_err().rule, "non_numeric_value");
         assert_eq!(by_name("x").unwrap_err().rule, "non_finite_value");
     }
 
     #[test]
     fn whole_message_errors() {
-        assert_eq!(parse_message(JSON, b"{\"metrics\":", T0).unwrap_err().rule, "malformed_json");
-        assert_eq!(parse_message(JSON, b"[1]", T0).unwrap_err().rule, "not_an_object");
+        assert_eq!(
+            parse_message(JSON, b"{\"metrics\":", T0).unwrap_err().rule,
+            "malformed_json"
+        );
+        assert_eq!(
+            parse_message(JSON, b"[1]", T0).unwrap_err().rule,
+            "not_an_object"
+        );
         let e = parse_message(JSON, br#"{"time":"yesterday","metrics":{"t":1}}"#, T0).unwrap_err();
         assert_eq!((e.rule, e.field.as_deref()), ("bad_time", Some("time")));
-        assert_eq!(parse_message("text/plain", b"1", T0).unwrap_err().rule, "unsupported_content_type");
+        assert_eq!(
+            parse_message("text/plain", b"1", T0).unwrap_err().rule,
+            "unsupported_content_type"
+        );
         // Time defaults to the time of receipt.
         let m = parse_message(JSON, br#"{"metrics":{"t":1}}"#, T0).unwrap();
         assert_eq!(m.measurements[0].as_ref().unwrap().time, T0);
@@ -535,7 +679,11 @@ mod tests {
                         {"n":"label","vs":"kitchen"},
                         {"n":"relative","v":1,"bt":0,"t":-5}]"#;
         let m = parse_message(SENML_JSON, pack, T0).unwrap();
-        let ok: Vec<_> = m.measurements.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let ok: Vec<_> = m
+            .measurements
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .collect();
         assert_eq!(ok[0].metric, "temperature");
         assert_eq!(ok[0].unit.as_deref(), Some("Cel"));
         assert_eq!(ok[0].time, 1_763_780_000_000_000);
@@ -543,7 +691,14 @@ mod tests {
         assert_eq!(ok[1].time, 1_763_780_010_000_000);
         // bt=0 and t=-5: relative to the time of receipt.
         assert_eq!(ok[2].time, T0 - 5_000_000);
-        let bad = m.measurements.iter().find_map(|r| r.as_ref().err()).unwrap();
-        assert_eq!((bad.rule, bad.field.as_deref()), ("non_numeric_value", Some("[2].vs")));
+        let bad = m
+            .measurements
+            .iter()
+            .find_map(|r| r.as_ref().err())
+            .unwrap();
+        assert_eq!(
+            (bad.rule, bad.field.as_deref()),
+            ("non_numeric_value", Some("[2].vs"))
+        );
     }
 }

@@ -36,9 +36,15 @@ pub struct RegistryFile {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("cannot read device registry {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("device registry {path} is not valid: {source}")]
-    Parse { path: String, source: serde_json::Error },
+    Parse {
+        path: String,
+        source: serde_json::Error,
+    },
     #[error("device registry {path}: device `{id}` is listed twice")]
     Duplicate { path: String, id: String },
 }
@@ -58,9 +64,15 @@ pub fn token_hash(token: &str) -> String {
 impl DeviceRegistry {
     pub fn load(path: &Path) -> Result<Self, RegistryError> {
         let p = path.display().to_string();
-        let text = std::fs::read(path).map_err(|source| RegistryError::Read { path: p.clone(), source })?;
+        let text = std::fs::read(path).map_err(|source| RegistryError::Read {
+            path: p.clone(),
+            source,
+        })?;
         let file: RegistryFile =
-            serde_json::from_slice(&text).map_err(|source| RegistryError::Parse { path: p.clone(), source })?;
+            serde_json::from_slice(&text).map_err(|source| RegistryError::Parse {
+                path: p.clone(),
+                source,
+            })?;
         Self::from_devices(file.devices).map_err(|id| RegistryError::Duplicate { path: p, id })
     }
 
@@ -83,7 +95,9 @@ impl DeviceRegistry {
 
     /// The device a bearer token belongs to.
     pub fn authenticate(&self, token: &str) -> Option<&Device> {
-        self.by_token.get(&token_hash(token)).and_then(|id| self.by_id.get(id))
+        self.by_token
+            .get(&token_hash(token))
+            .and_then(|id| self.by_id.get(id))
     }
 
     pub fn len(&self) -> usize {
@@ -123,6 +137,9 @@ mod tests {
             enabled: true,
             subject: None,
         };
-        assert_eq!(DeviceRegistry::from_devices(vec![d.clone(), d]).unwrap_err(), "d1");
+        assert_eq!(
+            DeviceRegistry::from_devices(vec![d.clone(), d]).unwrap_err(),
+            "d1"
+        );
     }
 }

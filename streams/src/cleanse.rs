@@ -120,22 +120,23 @@ impl Cleanser {
 
     /// Cleanses one raw record.
     pub fn process(&mut self, pos: Position<'_>, record: &[u8]) -> Vec<Output> {
-        let mut out = Outputs { pos, out: Vec::new() };
+        let mut out = Outputs {
+            pos,
+            out: Vec::new(),
+        };
         let envelope = match decode::<RawEnvelope>(record) {
             Ok(e) => e,
             Err(e) => {
-                out.reject(
-                    Rejection {
-                        tenant: "",
-                        device: "",
-                        event_id: None,
-                        rule: "bad_envelope",
-                        field: None,
-                        reason: format!("not a raw envelope: {e}"),
-                        received_at: now_micros(),
-                        original: record,
-                    },
-                );
+                out.reject(Rejection {
+                    tenant: "",
+                    device: "",
+                    event_id: None,
+                    rule: "bad_envelope",
+                    field: None,
+                    reason: format!("not a raw envelope: {e}"),
+                    received_at: now_micros(),
+                    original: record,
+                });
                 return out.out;
             }
         };
@@ -143,7 +144,12 @@ impl Cleanser {
             .windows
             .entry(pos.partition)
             .or_insert_with(|| DedupWindow::new(self.horizon));
-        if window.check_and_insert(&envelope.tenant, &envelope.device, &envelope.event_id, envelope.received_at) {
+        if window.check_and_insert(
+            &envelope.tenant,
+            &envelope.device,
+            &envelope.event_id,
+            envelope.received_at,
+        ) {
             self.duplicates += 1;
             tracing::debug!(device = %envelope.device, event_id = %envelope.event_id, "duplicate dropped");
             return out.out;
@@ -159,7 +165,10 @@ impl Cleanser {
             received_at: e.received_at,
             original: &e.payload,
         };
-        let known = self.registry.get(&e.device).filter(|d| d.tenant == e.tenant);
+        let known = self
+            .registry
+            .get(&e.device)
+            .filter(|d| d.tenant == e.tenant);
         if known.is_none() {
             let reason = if e.device.is_empty() {
                 "the event names no device".to_owned()
@@ -180,13 +189,14 @@ impl Cleanser {
             }
         };
         if let Some(claimed) = message.device.as_deref().filter(|d| *d != e.device) {
-            out.reject(
-                base(
-                    "device_mismatch",
-                    Some("device"),
-                    format!("payload names device `{claimed}` but was sent by `{}`", e.device),
+            out.reject(base(
+                "device_mismatch",
+                Some("device"),
+                format!(
+                    "payload names device `{claimed}` but was sent by `{}`",
+                    e.device
                 ),
-            );
+            ));
             return out.out;
         }
         for m in message.measurements {
@@ -267,7 +277,10 @@ impl CleanseStage {
         }
     }
 
-    fn partitions_of(consumer: &StreamConsumer<RecordingContext>, topic: &str) -> Result<i32, StreamError> {
+    fn partitions_of(
+        consumer: &StreamConsumer<RecordingContext>,
+        topic: &str,
+    ) -> Result<i32, StreamError> {
         let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let n = md
             .topics()
@@ -282,15 +295,25 @@ impl CleanseStage {
     }
 
     /// Rebuilds a partition's dedup state from the raw records before `until` within the horizon.
-    fn warm_up(kafka: &KafkaConfig, topic: &str, partition: i32, until: i64, mut window: DedupWindow, horizon: Micros) -> Result<DedupWindow, StreamError> {
-        let reader: BaseConsumer = kafka.reader(&format!("cleanse-warmup-{partition}")).create()?;
+    fn warm_up(
+        kafka: &KafkaConfig,
+        topic: &str,
+        partition: i32,
+        until: i64,
+        mut window: DedupWindow,
+        horizon: Micros,
+    ) -> Result<DedupWindow, StreamError> {
+        let reader: BaseConsumer = kafka
+            .reader(&format!("cleanse-warmup-{partition}"))
+            .create()?;
         let (low, _) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
         let mut start = low;
         let since = (now_micros() - horizon) / 1000;
         let mut query = TopicPartitionList::new();
         query.add_partition_offset(topic, partition, Offset::Offset(since))?;
         if let Ok(found) = reader.offsets_for_times(query, Duration::from_secs(10))
-            && let Some(Offset::Offset(o)) = found.find_partition(topic, partition).map(|e| e.offset())
+            && let Some(Offset::Offset(o)) =
+                found.find_partition(topic, partition).map(|e| e.offset())
         {
             start = start.max(o);
         }
@@ -320,14 +343,24 @@ impl CleanseStage {
                 None => {}
             }
         }
-        tracing::info!(partition, from = start, until, read, entries = window.len(), "dedup state rebuilt from raw");
+        tracing::info!(
+            partition,
+            from = start,
+            until,
+            read,
+            entries = window.len(),
+            "dedup state rebuilt from raw"
+        );
         Ok(window)
     }
 
     /// Runs until the task is cancelled or Kafka fails for good.
     pub async fn run(self) -> Result<(), StreamError> {
         let context = RecordingContext::default();
-        let consumer: StreamConsumer<RecordingContext> = self.kafka.consumer(STAGE).create_with_context(context.clone())?;
+        let consumer: StreamConsumer<RecordingContext> = self
+            .kafka
+            .consumer(STAGE)
+            .create_with_context(context.clone())?;
         let producer: FutureProducer = self.kafka.producer("tributary-cleanse").create()?;
         let topics = &self.kafka.topics;
         let telemetry_parts = Self::partitions_of(&consumer, &topics.telemetry)?;
@@ -345,23 +378,27 @@ impl CleanseStage {
             let mut next_offsets: HashMap<i32, i64> = HashMap::new();
             let mut count = 0usize;
             while count < self.config.batch_size {
-                let left = Duration::from_millis(self.config.batch_ms).saturating_sub(started.elapsed());
+                let left =
+                    Duration::from_millis(self.config.batch_ms).saturating_sub(started.elapsed());
                 if left.is_zero() && count > 0 {
                     break;
                 }
-                let msg = match tokio::time::timeout(left.max(Duration::from_millis(1)), consumer.recv()).await {
-                    Err(_) => {
-                        if count > 0 {
-                            break;
+                let msg =
+                    match tokio::time::timeout(left.max(Duration::from_millis(1)), consumer.recv())
+                        .await
+                    {
+                        Err(_) => {
+                            if count > 0 {
+                                break;
+                            }
+                            continue;
                         }
-                        continue;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "consume error");
-                        continue;
-                    }
-                    Ok(Ok(m)) => m,
-                };
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "consume error");
+                            continue;
+                        }
+                        Ok(Ok(m)) => m,
+                    };
                 for change in context.drain() {
                     if let PartitionChange::Revoked(parts) = change {
                         for (_, p) in parts {
@@ -377,9 +414,11 @@ impl CleanseStage {
                     let kafka = self.kafka.clone();
                     let topic = topics.raw.clone();
                     let window = cleanser.new_window();
-                    let window = tokio::task::spawn_blocking(move || Self::warm_up(&kafka, &topic, partition, offset, window, horizon))
-                        .await
-                        .map_err(|e| StreamError::WarmUp(e.to_string()))??;
+                    let window = tokio::task::spawn_blocking(move || {
+                        Self::warm_up(&kafka, &topic, partition, offset, window, horizon)
+                    })
+                    .await
+                    .map_err(|e| StreamError::WarmUp(e.to_string()))??;
                     cleanser.install(partition, window);
                     warmed.insert(partition);
                 }
@@ -392,12 +431,22 @@ impl CleanseStage {
                     let (topic, part, key, bytes) = match &output {
                         Output::Reading(r) => {
                             readings += 1;
-                            (&topics.telemetry, partition % telemetry_parts, r.device.as_str(), avro::encode(r)?)
+                            (
+                                &topics.telemetry,
+                                partition % telemetry_parts,
+                                r.device.as_str(),
+                                avro::encode(r)?,
+                            )
                         }
                         Output::DeadLetter(d) => {
                             rejected += 1;
                             tracing::debug!(rule = %d.rule, reason = %d.reason, offset, "dead letter");
-                            (&topics.deadletter, partition % deadletter_parts, d.device.as_str(), avro::encode(d)?)
+                            (
+                                &topics.deadletter,
+                                partition % deadletter_parts,
+                                d.device.as_str(),
+                                avro::encode(d)?,
+                            )
                         }
                     };
                     deliveries.push(send(&producer, topic, part, key, &bytes).await?);
@@ -421,18 +470,38 @@ impl CleanseStage {
                     // Outputs are already written; the next owner re-emits and the sink drops them.
                     tracing::warn!(error = %e, "offset commit failed");
                 }
-                tracing::debug!(records = count, readings, rejected, duplicates = cleanser.duplicates, "batch committed");
+                tracing::debug!(
+                    records = count,
+                    readings,
+                    rejected,
+                    duplicates = cleanser.duplicates,
+                    "batch committed"
+                );
             }
         }
     }
 }
 
-async fn send(producer: &FutureProducer, topic: &str, partition: i32, key: &str, bytes: &[u8]) -> Result<DeliveryFuture, StreamError> {
+async fn send(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: i32,
+    key: &str,
+    bytes: &[u8],
+) -> Result<DeliveryFuture, StreamError> {
     loop {
-        let record = FutureRecord::to(topic).partition(partition).key(key).payload(bytes);
+        let record = FutureRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(bytes);
         match producer.send_result(record) {
             Ok(d) => return Ok(d),
-            Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), _)) => {
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                _,
+            )) => {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err((e, _)) => return Err(StreamError::Kafka(e)),
@@ -461,7 +530,11 @@ mod tests {
     fn raw(device: &str, id: &str, payload: &str) -> Vec<u8> {
         encode(&RawEnvelope {
             event_id: id.into(),
-            tenant: if device == "d1" { "acme".into() } else { String::new() },
+            tenant: if device == "d1" {
+                "acme".into()
+            } else {
+                String::new()
+            },
             device: device.into(),
             source: Source::Mqtt,
             received_at: 1_763_780_000_000_000,
@@ -493,11 +566,19 @@ mod tests {
     #[test]
     fn valid_message_becomes_readings_with_provenance() {
         let mut c = cleanser();
-        let out = c.process(pos(7), &raw("d1", "m1", r#"{"id":"m1","metrics":{"t":1.5,"h":40}}"#));
+        let out = c.process(
+            pos(7),
+            &raw("d1", "m1", r#"{"id":"m1","metrics":{"t":1.5,"h":40}}"#),
+        );
         assert_eq!(out.len(), 2);
-        let Output::Reading(r) = &out[1] else { panic!("{out:?}") };
+        let Output::Reading(r) = &out[1] else {
+            panic!("{out:?}")
+        };
         assert_eq!((r.tenant.as_str(), r.event_id.as_str()), ("acme", "m1"));
-        assert_eq!((r.source_partition, r.source_offset, r.source_index), (1, 7, 1));
+        assert_eq!(
+            (r.source_partition, r.source_offset, r.source_index),
+            (1, 7, 1)
+        );
     }
 
     #[test]
@@ -522,10 +603,20 @@ mod tests {
         assert_eq!(dead(&out)[0].rule, "unknown_device");
         assert_eq!(dead(&out)[0].field.as_deref(), Some("device"));
 
-        let out = c.process(pos(5), &raw("d1", "m4", r#"{"metrics":{"t":"hot","u":"-Infinity","ok":2}}"#));
+        let out = c.process(
+            pos(5),
+            &raw(
+                "d1",
+                "m4",
+                r#"{"metrics":{"t":"hot","u":"-Infinity","ok":2}}"#,
+            ),
+        );
         let d = dead(&out);
         assert_eq!(out.len(), 3);
-        let rules: HashSet<_> = d.iter().map(|d| (d.rule.as_str(), d.field.clone().unwrap_or_default())).collect();
+        let rules: HashSet<_> = d
+            .iter()
+            .map(|d| (d.rule.as_str(), d.field.clone().unwrap_or_default()))
+            .collect();
         assert!(rules.contains(&("non_numeric_value", "metrics.t".into())));
         assert!(rules.contains(&("non_finite_value", "metrics.u".into())));
 
@@ -533,7 +624,10 @@ mod tests {
         assert_eq!(dead(&out)[0].rule, "bad_envelope");
         assert_eq!(dead(&out)[0].original, b"garbage");
 
-        let out = c.process(pos(8), &raw("d1", "m5", r#"{"device":"d2","metrics":{"t":1}}"#));
+        let out = c.process(
+            pos(8),
+            &raw("d1", "m5", r#"{"device":"d2","metrics":{"t":1}}"#),
+        );
         assert_eq!(dead(&out)[0].rule, "device_mismatch");
     }
 

@@ -38,7 +38,13 @@ impl DedupWindow {
     }
 
     /// Records the event; `true` when it was already seen within the horizon (a duplicate).
-    pub fn check_and_insert(&mut self, tenant: &str, device: &str, event_id: &str, at: Micros) -> bool {
+    pub fn check_and_insert(
+        &mut self,
+        tenant: &str,
+        device: &str,
+        event_id: &str,
+        at: Micros,
+    ) -> bool {
         self.expire(at);
         let key = Self::key(tenant, device, event_id);
         if self.seen.contains_key(&key) {
@@ -81,8 +87,14 @@ mod tests {
         let mut w = DedupWindow::new(10);
         assert!(!w.check_and_insert("t", "d", "e1", 100));
         assert!(w.check_and_insert("t", "d", "e1", 105));
-        assert!(!w.check_and_insert("t", "d2", "e1", 105), "other device, other key");
-        assert!(!w.check_and_insert("t", "d", "e1", 111), "expired after the horizon");
+        assert!(
+            !w.check_and_insert("t", "d2", "e1", 105),
+            "other device, other key"
+        );
+        assert!(
+            !w.check_and_insert("t", "d", "e1", 111),
+            "expired after the horizon"
+        );
         assert_eq!(w.len(), 2);
     }
 }

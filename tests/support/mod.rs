@@ -12,7 +12,11 @@ use serde_json::Value;
 pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn repo() -> PathBuf {
@@ -37,20 +41,39 @@ impl Stack {
     }
 
     /// Like [`start`](Self::start) with a chosen Tansu storage engine (`sqlite://tansu.db` is durable).
-    pub fn start_with_storage(devices: usize, unregistered_mqtt_users: &[(&str, &str)], kafka_storage: &str) -> Stack {
+    pub fn start_with_storage(
+        devices: usize,
+        unregistered_mqtt_users: &[(&str, &str)],
+        kafka_storage: &str,
+    ) -> Stack {
         let dir = tempfile::tempdir().unwrap();
         let (kafka_port, mqtt_port, http_port) = (free_port(), free_port(), free_port());
         let d = dir.path();
         let mut env: Vec<(String, String)> = [
-            ("TRIBUTARY_KAFKA__BROKERS", format!("127.0.0.1:{kafka_port}")),
+            (
+                "TRIBUTARY_KAFKA__BROKERS",
+                format!("127.0.0.1:{kafka_port}"),
+            ),
             ("TRIBUTARY_MQTT__PORT", mqtt_port.to_string()),
             ("TRIBUTARY_HTTP__LISTEN", format!("127.0.0.1:{http_port}")),
-            ("TRIBUTARY_SIMULATOR__HTTP_URL", format!("http://127.0.0.1:{http_port}")),
+            (
+                "TRIBUTARY_SIMULATOR__HTTP_URL",
+                format!("http://127.0.0.1:{http_port}"),
+            ),
             ("TRIBUTARY_LAKE__URL", d.join("lake").display().to_string()),
             ("TRIBUTARY_LAKE__FLUSH_INTERVAL_MS", "500".into()),
-            ("TRIBUTARY_REGISTRY__PATH", d.join("registry.json").display().to_string()),
-            ("TRIBUTARY_SIMULATOR__TOKENS_PATH", d.join("device-tokens.json").display().to_string()),
-            ("TRIBUTARY_LOG", "info,rdkafka=warn,deltalake_core=error,buoyant_kernel=warn,datafusion=warn".into()),
+            (
+                "TRIBUTARY_REGISTRY__PATH",
+                d.join("registry.json").display().to_string(),
+            ),
+            (
+                "TRIBUTARY_SIMULATOR__TOKENS_PATH",
+                d.join("device-tokens.json").display().to_string(),
+            ),
+            (
+                "TRIBUTARY_LOG",
+                "info,rdkafka=warn,deltalake_core=error,buoyant_kernel=warn,datafusion=warn".into(),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -91,7 +114,8 @@ impl Stack {
         }
         std::fs::write(&plain, users).unwrap();
         stack.stack("up");
-        let secret = std::fs::read_to_string(stack.dir.path().join("stack/mqtt-bridge.secret")).unwrap();
+        let secret =
+            std::fs::read_to_string(stack.dir.path().join("stack/mqtt-bridge.secret")).unwrap();
         env.push(("TRIBUTARY_MQTT__PASSWORD".into(), secret.trim().to_owned()));
         stack.env = env;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -100,7 +124,11 @@ impl Stack {
             if out.status.success() {
                 break;
             }
-            assert!(Instant::now() < deadline, "topics create failed: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                Instant::now() < deadline,
+                "topics create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
         stack
@@ -119,7 +147,9 @@ impl Stack {
     /// A `tributary` command configured for this stack.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.args(args).current_dir(self.dir.path()).envs(self.env.iter().map(|(k, v)| (k, v)));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 
@@ -138,7 +168,12 @@ impl Stack {
     /// Starts `tributary run` (every stage), logging to `<dir>/pipeline-N.log`.
     pub fn spawn_pipeline(&self, n: usize) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!("pipeline-{n}.log"))).unwrap();
-        let child = self.cmd(&["run"]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let child = self
+            .cmd(&["run"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
         self.wait_http();
         child
     }
@@ -154,12 +189,21 @@ impl Stack {
     /// Runs SQL through the CLI and returns the rows as JSON objects.
     pub fn sql(&self, query: &str) -> Vec<Value> {
         let out = self.ok(&["sql", "--format", "json", query]);
-        serde_json::from_str::<Vec<Value>>(out.trim()).unwrap_or_else(|e| panic!("bad JSON from sql: {e}: {out}"))
+        serde_json::from_str::<Vec<Value>>(out.trim())
+            .unwrap_or_else(|e| panic!("bad JSON from sql: {e}: {out}"))
     }
 
     /// `SELECT count(*)` of a table, 0 when the table does not exist yet.
     pub fn count(&self, table: &str) -> u64 {
-        let out = self.cmd(&["sql", "--format", "json", &format!("SELECT count(*) AS n FROM {table}")]).output().unwrap();
+        let out = self
+            .cmd(&[
+                "sql",
+                "--format",
+                "json",
+                &format!("SELECT count(*) AS n FROM {table}"),
+            ])
+            .output()
+            .unwrap();
         if !out.status.success() {
             return 0;
         }
@@ -181,7 +225,8 @@ impl Stack {
     }
 
     pub fn secrets(&self) -> Vec<Value> {
-        serde_json::from_slice(&std::fs::read(self.dir.path().join("device-tokens.json")).unwrap()).unwrap()
+        serde_json::from_slice(&std::fs::read(self.dir.path().join("device-tokens.json")).unwrap())
+            .unwrap()
     }
 
     pub fn path(&self) -> &Path {
@@ -192,9 +237,14 @@ impl Stack {
     pub fn logs(&self) -> String {
         let mut s = String::new();
         for n in 0..4 {
-            if let Ok(l) = std::fs::read_to_string(self.dir.path().join(format!("pipeline-{n}.log"))) {
+            if let Ok(l) =
+                std::fs::read_to_string(self.dir.path().join(format!("pipeline-{n}.log")))
+            {
                 let tail: Vec<&str> = l.lines().rev().take(40).collect();
-                s.push_str(&format!("--- pipeline-{n}.log (last lines)\n{}\n", tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+                s.push_str(&format!(
+                    "--- pipeline-{n}.log (last lines)\n{}\n",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ));
             }
         }
         s
@@ -212,7 +262,10 @@ impl Drop for Stack {
         if std::env::var_os("KEEP_TEST_DIR").is_some() {
             let kept = self.dir.path().to_path_buf();
             eprintln!("keeping {}", kept.display());
-            std::mem::forget(std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()));
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap(),
+            ));
         }
     }
 }
