@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tributary_schemas::payload::{BodyFormat, split_body};
+use tributary_schemas::payload::{BodyFormat, content_event_id, split_body};
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{RawEnvelope, Source, now_micros};
 
@@ -196,7 +196,7 @@ async fn telemetry(
             event_id: m
                 .id
                 .clone()
-                .unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+                .unwrap_or_else(|| content_event_id(&device.id, m.bytes)),
             tenant: device.tenant.clone(),
             device: device.id.clone(),
             source: Source::Http,

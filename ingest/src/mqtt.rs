@@ -153,7 +153,7 @@ impl MqttBridge {
                 }),
         };
         RawEnvelope {
-            event_id: id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string()),
+            event_id: id.unwrap_or_else(|| payload::content_event_id(device, &publish.payload)),
             tenant: known.map(|d| d.tenant.clone()).unwrap_or_default(),
             device: device.to_owned(),
             source: Source::Mqtt,

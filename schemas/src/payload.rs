@@ -702,3 +702,35 @@ mod tests {
         );
     }
 }
+
+/// The event id of a message that carries none: a hash of the device and the exact bytes, so a
+/// redelivery of the same message (an MQTT retransmission, an HTTP retry) gets the same id and is
+/// deduplicated. Identical id-less payloads from one device within the dedup horizon count as one.
+pub fn content_event_id(device: &str, bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(device.as_bytes());
+    h.update([0u8]);
+    h.update(bytes);
+    let digest = h.finalize();
+    let mut id = String::with_capacity(34);
+    id.push_str("h-");
+    for b in &digest[..16] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+#[cfg(test)]
+mod content_id_tests {
+    use super::content_event_id;
+
+    #[test]
+    fn content_ids_are_stable_and_device_scoped() {
+        let a = content_event_id("d1", b"{\"metrics\":");
+        assert_eq!(a, content_event_id("d1", b"{\"metrics\":"));
+        assert_ne!(a, content_event_id("d2", b"{\"metrics\":"));
+        assert_ne!(a, content_event_id("d1", b"{\"metrics\":}"));
+        assert!(a.starts_with("h-") && a.len() == 34);
+    }
+}
