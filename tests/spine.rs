@@ -161,18 +161,15 @@ fn devices_to_sql_end_to_end() {
         + n(&http, "duplicates");
     assert!(sent >= 10_000, "at least 10 000 events: {sent}");
 
-    let (rows, dead) =
-        stack.wait_for_rows(expected_readings, expected_dead, Duration::from_secs(180));
-    assert_eq!(
-        (rows, dead),
-        (expected_readings, expected_dead),
-        "telemetry/deadletter rows\n{}",
-        stack.logs()
+    stack.assert_rows(
+        expected_readings,
+        expected_dead,
+        Duration::from_secs(180),
+        "telemetry/deadletter rows",
     );
 
     // No reading twice.
-    let dups = stack.sql("SELECT count(*) AS n FROM (SELECT tenant, device, event_id, metric FROM telemetry GROUP BY 1,2,3,4 HAVING count(*) > 1)");
-    assert_eq!(dups[0]["n"], 0);
+    assert_eq!(stack.duplicate_readings(), 0);
 
     // One aggregate answered exactly.
     let agg = stack.sql("SELECT count(*) AS n, sum(value) AS s, min(value) AS lo, max(value) AS hi, min(unit) AS u FROM telemetry WHERE metric = 'probe'");

@@ -224,6 +224,26 @@ impl Stack {
         }
     }
 
+    /// Waits for the lake to settle and asserts it holds exactly the expected rows.
+    pub fn assert_rows(&self, telemetry: u64, deadletter: u64, timeout: Duration, what: &str) {
+        let (rows, dead) = self.wait_for_rows(telemetry, deadletter, timeout);
+        assert_eq!(
+            (rows, dead),
+            (telemetry, deadletter),
+            "{what}\n{}",
+            self.logs()
+        );
+    }
+
+    /// Readings that appear more than once, by (tenant, device, event id, metric).
+    pub fn duplicate_readings(&self) -> Value {
+        self.sql(
+            "SELECT count(*) AS n FROM (SELECT tenant, device, event_id, metric FROM telemetry \
+             GROUP BY 1,2,3,4 HAVING count(*) > 1)",
+        )[0]["n"]
+            .clone()
+    }
+
     pub fn secrets(&self) -> Vec<Value> {
         serde_json::from_slice(&std::fs::read(self.dir.path().join("device-tokens.json")).unwrap())
             .unwrap()
