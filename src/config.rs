@@ -10,29 +10,16 @@ use serde::{Deserialize, Serialize};
 use tributary_ingest::http::HttpConfig;
 use tributary_ingest::mqtt::MqttConfig;
 use tributary_lake::LakeConfig;
+use tributary_registry::RegistryConfig;
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_streams::cleanse::CleanseConfig;
 
-/// `[registry]`: where the device registry lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RegistryConfig {
-    pub path: PathBuf,
-}
-
-impl Default for RegistryConfig {
-    fn default() -> Self {
-        Self {
-            path: "./data/registry.json".into(),
-        }
-    }
-}
-
-/// `[simulator]`: where the device simulator sends and finds its devices' secrets.
+/// `[simulator]`: where the device simulator and the `tributary devices` CLI find the HTTP API,
+/// and where the simulator finds its devices' secrets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimulatorConfig {
-    /// Base URL of the HTTP ingest.
+    /// Base URL of the HTTP API (ingest and admin).
     pub http_url: String,
     /// Device ids, tenants and tokens written by `tributary devices seed` (secret: mode 0600).
     pub tokens_path: PathBuf,
@@ -153,12 +140,15 @@ impl Config {
                 "must be an address like 127.0.0.1:8080",
             );
         }
-        if self.http.max_body_bytes == 0 || self.http.max_messages == 0 {
-            return bad(
-                "http.max_body_bytes / http.max_messages",
-                &0,
-                "must be at least 1",
-            );
+        for (key, value) in [
+            ("http.max_body_bytes", self.http.max_body_bytes as u64),
+            ("http.max_messages", self.http.max_messages as u64),
+            ("http.tenant_burst", u64::from(self.http.tenant_burst)),
+            ("http.ack_timeout_ms", self.http.ack_timeout_ms),
+        ] {
+            if value == 0 {
+                return bad(key, &0, "must be at least 1");
+            }
         }
         let devices = self
             .mqtt
@@ -182,6 +172,11 @@ impl Config {
         }
         if self.mqtt.receive_maximum == 0 {
             return bad("mqtt.receive_maximum", &0, "must be between 1 and 65535");
+        }
+        if let Err(e) =
+            tributary_registry::self_registration::tenant_keys(&self.registry.tenant_keys)
+        {
+            return Err(ConfigError(e.to_string()));
         }
         if self.cleanse.batch_size == 0 {
             return bad("cleanse.batch_size", &0, "must be at least 1");
@@ -209,6 +204,9 @@ impl Config {
         let mut c = self.clone();
         if c.mqtt.password.is_some() {
             c.mqtt.password = Some("<redacted>".into());
+        }
+        if c.registry.admin_token.is_some() {
+            c.registry.admin_token = Some("<redacted>".into());
         }
         for v in c.lake.storage_options.values_mut() {
             *v = "<redacted>".into();

@@ -60,10 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// The device registry.
+    /// The device registry: create, bulk-create from a recipe, list, get, update, delete, groups
+    /// (over the admin API), and `seed` for simulated devices.
     Devices {
         #[command(subcommand)]
-        command: DevicesCommand,
+        command: devices::DevicesCommand,
     },
 }
 
@@ -77,13 +78,6 @@ enum TopicsCommand {
 enum ConfigCommand {
     /// Load and validate the configuration; print it (secrets masked) when valid.
     Check,
-}
-
-#[derive(Subcommand)]
-enum DevicesCommand {
-    /// Create a registry of simulated devices: the registry (token hashes) at `registry.path`, the
-    /// tokens for the simulator at `simulator.tokens_path` (mode 0600).
-    Seed(devices::SeedArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -144,9 +138,7 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("configuration is valid");
                 Ok(())
             }
-            Command::Devices {
-                command: DevicesCommand::Seed(args),
-            } => devices::seed(&config, args),
+            Command::Devices { command } => devices::run(&config, command).await,
         }
     })
 }

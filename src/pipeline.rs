@@ -4,9 +4,12 @@
 //! devices ─HTTP─▶ http ─┐
 //!                       ├─▶ raw ─▶ cleanse ─▶ telemetry ─▶ lake (Delta table `telemetry`)
 //! devices ─MQTT─▶ mqtt ─┘                 └─▶ deadletter ─▶ lake (Delta table `deadletter`)
+//!
+//! admins ─HTTP─▶ http (/v1/devices…) ─▶ registry ─▶ the registry view of http and mqtt
 //! ```
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::ValueEnum;
@@ -15,6 +18,10 @@ use tributary_ingest::http::HttpIngest;
 use tributary_ingest::mqtt::MqttBridge;
 use tributary_ingest::producer::RawProducer;
 use tributary_lake::delta_sink::DeltaSink;
+use tributary_registry::api::RegistryApi;
+use tributary_registry::follower;
+use tributary_registry::self_registration::SelfRegistration;
+use tributary_registry::writer::RegistryWriter;
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::cleanse::CleanseStage;
@@ -26,7 +33,7 @@ use crate::config::Config;
 pub enum Stage {
     /// Every stage below, in one process.
     All,
-    /// HTTP ingest (`POST /v1/telemetry`) → raw.
+    /// HTTP API: ingest (`POST /v1/telemetry`) → raw, and the device admin API → registry.
     Http,
     /// MQTT bridge (shared subscription) → raw.
     Mqtt,
@@ -43,58 +50,73 @@ impl Stage {
 }
 
 pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
-    let registry = Arc::new(
-        DeviceRegistry::load(&config.registry.path)
-            .context("loading the device registry (create one with `tributary devices seed`)")?,
-    );
-    tracing::info!(devices = registry.len(), ?stage, "starting");
+    tracing::info!(?stage, "starting");
     let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
     if stage.includes(Stage::Http) || stage.includes(Stage::Mqtt) {
+        // Ingest authenticates devices and stamps their tenant: it needs the whole registry first.
+        let registry = Arc::new(DeviceRegistry::new());
+        let follower = follower::follow(&config.kafka, registry.clone())
+            .await
+            .context("loading the device registry from its topic")?;
+        tasks.spawn(async move {
+            follower.await?;
+            Ok("registry follower")
+        });
         let producer = Arc::new(RawProducer::new(&config.kafka, "tributary-ingest")?);
         if stage.includes(Stage::Http) {
-            let http = HttpIngest::new(config.http.clone(), registry.clone(), producer.clone());
+            let writer = Arc::new(RegistryWriter::new(&config.kafka, registry.clone())?);
+            let admin = RegistryApi::new(writer.clone(), config.registry.admin_token.as_deref());
+            let mut http = HttpIngest::new(config.http.clone(), registry.clone(), producer.clone())
+                .with_admin(&admin);
+            if !config.registry.tenant_keys.is_empty() {
+                let sr = SelfRegistration::new(&config.registry.tenant_keys, writer)?;
+                http = http.with_self_registration(Arc::new(sr));
+            }
             tasks.spawn(async move {
                 http.serve(std::future::pending()).await?;
                 Ok("http")
             });
         }
         if stage.includes(Stage::Mqtt) {
-            let bridge = MqttBridge::new(config.mqtt.clone(), registry.clone(), producer);
-            tasks.spawn(async move {
-                bridge.run().await?;
-                Ok("mqtt")
+            let bridge = Arc::new(MqttBridge::new(
+                config.mqtt.clone(),
+                registry.clone(),
+                producer,
+            ));
+            supervise(&mut tasks, "mqtt", move || {
+                let bridge = bridge.clone();
+                async move { Ok(bridge.run().await?) }
             });
         }
     }
     if stage.includes(Stage::Cleanse) {
-        let cleanse = CleanseStage::new(
+        let cleanse = Arc::new(CleanseStage::new(
             config.kafka.clone(),
             config.cleanse.clone(),
-            registry.clone(),
-        );
-        tasks.spawn(async move {
-            cleanse.run().await?;
-            Ok("cleanse")
+        ));
+        supervise(&mut tasks, "cleanse", move || {
+            let cleanse = cleanse.clone();
+            async move { Ok(cleanse.run().await?) }
         });
     }
     if stage.includes(Stage::Lake) {
-        let telemetry = DeltaSink::<Reading>::new(
+        let telemetry = Arc::new(DeltaSink::<Reading>::new(
             config.kafka.clone(),
             config.lake.clone(),
             config.kafka.topics.telemetry.clone(),
-        );
-        tasks.spawn(async move {
-            telemetry.run().await?;
-            Ok("lake-telemetry")
+        ));
+        supervise(&mut tasks, "lake-telemetry", move || {
+            let sink = telemetry.clone();
+            async move { Ok(sink.run().await?) }
         });
-        let deadletter = DeltaSink::<DeadLetter>::new(
+        let deadletter = Arc::new(DeltaSink::<DeadLetter>::new(
             config.kafka.clone(),
             config.lake.clone(),
             config.kafka.topics.deadletter.clone(),
-        );
-        tasks.spawn(async move {
-            deadletter.run().await?;
-            Ok("lake-deadletter")
+        ));
+        supervise(&mut tasks, "lake-deadletter", move || {
+            let sink = deadletter.clone();
+            async move { Ok(sink.run().await?) }
         });
     }
     tokio::select! {
@@ -112,4 +134,35 @@ pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs a stage; when it fails (Kafka gone, storage error, …) logs why and starts it again after a
+/// growing pause. A restarted stage resumes from its committed state (consumer group offsets, the
+/// table's `txn` versions), exactly as after a crash, so a broker outage does not take the process
+/// (and with it the ingest endpoints) down.
+fn supervise<F, Fut>(
+    tasks: &mut JoinSet<anyhow::Result<&'static str>>,
+    name: &'static str,
+    mut start: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    tasks.spawn(async move {
+        let mut pause = Duration::from_secs(1);
+        loop {
+            let started = Instant::now();
+            match start().await {
+                Ok(()) => return Ok(name),
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(120) {
+                        pause = Duration::from_secs(1);
+                    }
+                    tracing::error!(stage = name, error = format!("{e:#}"), retry_in = ?pause, "stage failed; restarting it");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    });
 }

@@ -2,39 +2,16 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use support::{Stack, kill, summary};
+use support::{Stack, field, finish_simulator, kill};
 
 #[test]
 fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     let stack = Stack::start_with_storage(20, &[], "sqlite://tansu.db");
     let mut pipeline = stack.spawn_pipeline(0);
-    let simulate = |via: &str, seed: &str| {
-        stack
-            .cmd(&[
-                "simulate",
-                "--via",
-                via,
-                "--devices",
-                "20",
-                "--messages",
-                "8000",
-                "--rate",
-                "600",
-                "--batch",
-                "10",
-                "--seed",
-                seed,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mqtt = simulate("mqtt", "11");
-    let http = simulate("http", "12");
+    let mqtt = stack.spawn_simulator("mqtt", 8000, 600, "11");
+    let http = stack.spawn_simulator("http", 8000, 600, "12");
 
     // Kill while events flow and rows are landing, twice.
     for round in 1..=2 {
@@ -55,12 +32,9 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         pipeline = stack.spawn_pipeline(round);
     }
 
-    let mqtt = summary(&String::from_utf8(mqtt.wait_with_output().unwrap().stdout).unwrap());
-    let http = summary(&String::from_utf8(http.wait_with_output().unwrap().stdout).unwrap());
-    let n = |v: &serde_json::Value, k: &str| {
-        v[k].as_u64()
-            .unwrap_or_else(|| panic!("{k} missing in {v}"))
-    };
+    let mqtt = finish_simulator(mqtt);
+    let http = finish_simulator(http);
+    let n = field;
     let expected_readings = n(&mqtt, "expected_readings") + n(&http, "expected_readings");
     let expected_dead = n(&mqtt, "expected_dead_letters") + n(&http, "expected_dead_letters");
     assert!(

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use rumqttc::v5::{Client, Event, MqttOptions};
 use serde_json::{Value, json};
 use support::{Stack, kill, summary};
@@ -29,8 +29,14 @@ fn post(url: &str, token: &str, content_type: &str, body: &str) -> (u16, Value) 
     })
 }
 
-/// Publishes QoS 1 messages as one MQTT user and waits for every PUBACK.
-fn mqtt_publish(port: u16, user: &str, password: &str, topic: &str, payloads: &[String]) {
+/// Publishes QoS 1 messages as one MQTT user, waits for every PUBACK and returns their reason codes.
+fn mqtt_publish(
+    port: u16,
+    user: &str,
+    password: &str,
+    topic: &str,
+    payloads: &[String],
+) -> Vec<PubAckReason> {
     let mut opts = MqttOptions::new(format!("test-{user}"), "127.0.0.1", port);
     opts.set_credentials(user, password);
     let (client, mut conn) = Client::new(opts, 100);
@@ -39,12 +45,12 @@ fn mqtt_publish(port: u16, user: &str, password: &str, topic: &str, payloads: &[
             .publish(topic, QoS::AtLeastOnce, false, p.clone().into_bytes())
             .unwrap();
     }
-    let mut acks = 0;
+    let mut acks = Vec::new();
     for event in conn.iter() {
         match event {
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                acks += 1;
-                if acks == payloads.len() {
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                acks.push(ack.reason);
+                if acks.len() == payloads.len() {
                     break;
                 }
             }
@@ -53,6 +59,7 @@ fn mqtt_publish(port: u16, user: &str, password: &str, topic: &str, payloads: &[
         }
     }
     client.disconnect().ok();
+    acks
 }
 
 #[test]
@@ -150,6 +157,18 @@ fn devices_to_sql_end_to_end() {
         "devices/ghost-1/telemetry",
         &ghost,
     );
+    // A device publishing on another device's topic is refused by the broker's ACL.
+    let impostor: Vec<String> = (0..3)
+        .map(|i| json!({"id": format!("impostor-{i}"), "metrics": {"t": 1}}).to_string())
+        .collect();
+    let reasons = mqtt_publish(
+        stack.mqtt_port,
+        &device(4),
+        &token(4),
+        &format!("devices/{}/telemetry", device(5)),
+        &impostor,
+    );
+    assert_eq!(reasons, vec![PubAckReason::NotAuthorized; 3]);
 
     let n = |v: &Value, k: &str| v[k].as_u64().unwrap();
     let expected_readings = n(&mqtt, "expected_readings") + n(&http, "expected_readings") + 10 + 2;
@@ -219,6 +238,14 @@ fn devices_to_sql_end_to_end() {
     );
     let ghost_rows = stack.sql("SELECT count(*) AS n FROM deadletter WHERE device = 'ghost-1' AND tenant IS NULL AND reason LIKE '%not in the registry%'");
     assert_eq!(ghost_rows[0]["n"], 5);
+
+    // Nothing of the impostor reached the log.
+    for table in ["telemetry", "deadletter"] {
+        let n = stack.sql(&format!(
+            "SELECT count(*) AS n FROM {table} WHERE event_id LIKE 'impostor-%'"
+        ));
+        assert_eq!(n[0]["n"], 0, "{table}");
+    }
 
     // CSV output works too.
     let csv = stack.ok(&[

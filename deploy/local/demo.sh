@@ -10,23 +10,27 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/tributary/target}
 DEMO_SECONDS=${DEMO_SECONDS:-20}
 DEMO_RATE=${DEMO_RATE:-500}
 export STACK_DIR=./data/local
+# Durable broker storage: the raw log (the source of truth) outlives a run, as the lake does.
+export KAFKA_STORAGE=${KAFKA_STORAGE:-sqlite://tansu.db}
 
 deploy/local/install.sh
 cargo build --locked --bin tributary
 bin="$CARGO_TARGET_DIR/debug/tributary"
 
 mkdir -p "$STACK_DIR"
-if [ ! -f data/registry.json ] || [ ! -f "$STACK_DIR/mqtt-users.plain" ]; then
-  "$bin" devices seed --count 50 --tenants 3 --mosquitto-passwd "$STACK_DIR/mqtt-users.plain"
-fi
-deploy/local/stack.sh up
-eval "$(deploy/local/stack.sh env)"
 cleanup() {
   [ -n "${pipeline:-}" ] && kill "$pipeline" 2>/dev/null && wait "$pipeline" 2>/dev/null
   deploy/local/stack.sh down
 }
 trap cleanup EXIT
+# Kafka first: devices are recorded on its `registry` topic, and Mosquitto needs their tokens.
+deploy/local/stack.sh up tansu
 "$bin" topics create
+"$bin" devices seed --count 50 --tenants 3 --mosquitto-passwd "$STACK_DIR/mqtt-users.plain"
+deploy/local/stack.sh up mosquitto victoria-metrics
+eval "$(deploy/local/stack.sh env)"
+# The admin API's token for this run (`tributary devices list` uses it).
+export TRIBUTARY_REGISTRY__ADMIN_TOKEN=${TRIBUTARY_REGISTRY__ADMIN_TOKEN:-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')}
 "$bin" run 2>"$STACK_DIR/pipeline.log" &
 pipeline=$!
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && break; sleep 0.2; done

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the local stack and the tests need, skipping whatever is already there:
-# Debian's mosquitto, victoria-metrics and postgresql-client, and Tansu 0.6.0 (Kafka-compatible
+# Debian's mosquitto, victoria-metrics, postgresql-client and openssl, and Tansu 0.6.0 (Kafka-compatible
 # broker) from crates.io. Safe to run again.
 set -euo pipefail
 
@@ -10,6 +10,7 @@ command -v mosquitto_passwd >/dev/null 2>&1 || need_apt+=(mosquitto-clients mosq
 command -v victoria-metrics >/dev/null 2>&1 || need_apt+=(victoria-metrics)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # test key pairs (Ed25519)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   sudo_cmd=""

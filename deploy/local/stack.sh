@@ -2,7 +2,10 @@
 # Starts or stops the local stack on loopback only: Tansu (Kafka-compatible broker), Mosquitto (MQTT,
 # password file + per-device ACL) and VictoriaMetrics (InfluxDB line protocol).
 #
-#   deploy/local/stack.sh up | down | status
+#   deploy/local/stack.sh up | down | status [service...]   (services: tansu mosquitto victoria-metrics;
+#                                                            default: all of them)
+#   deploy/local/stack.sh pause | resume <service...>      freeze / thaw a running service (SIGSTOP /
+#                                                            SIGCONT), e.g. to test a broker outage
 #
 # Environment (defaults in brackets):
 #   STACK_DIR [./data/local]   state, logs, pid files and generated configs
@@ -24,6 +27,18 @@ STACK_VM=${STACK_VM:-1}
 MQTT_TOPIC_PATTERN=${MQTT_TOPIC_PATTERN:-devices/%u/telemetry}
 mkdir -p "$STACK_DIR"
 STACK_DIR=$(cd "$STACK_DIR" && pwd)
+ACTION=${1:-}
+[ $# -gt 0 ] && shift
+SERVICES=("$@")
+if [ ${#SERVICES[@]} -eq 0 ]; then
+  SERVICES=(tansu mosquitto)
+  # `down` and `status` cover every service, whatever STACK_VM says.
+  if [ "$STACK_VM" = 1 ] || [ "$ACTION" != up ]; then SERVICES+=(victoria-metrics); fi
+fi
+for s in "${SERVICES[@]}"; do
+  case "$s" in tansu|mosquitto|victoria-metrics) ;; *) echo "unknown service: $s" >&2; exit 2 ;; esac
+done
+want() { local s; for s in "${SERVICES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 wait_port() { # port name
   for _ in $(seq 1 150); do
@@ -74,26 +89,30 @@ max_queued_messages 1000000
 CONF
 }
 
-case "${1:-}" in
+case "$ACTION" in
   up)
-    command -v tansu >/dev/null || { echo "tansu is not installed: run deploy/local/install.sh" >&2; exit 1; }
-    start tansu tansu broker \
-      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      --storage-engine "$KAFKA_STORAGE"
-    mqtt_config
-    start mosquitto /usr/sbin/mosquitto -c "$STACK_DIR/mosquitto.conf"
-    if [ "$STACK_VM" = 1 ]; then
+    if want tansu; then
+      command -v tansu >/dev/null || { echo "tansu is not installed: run deploy/local/install.sh" >&2; exit 1; }
+      start tansu tansu broker \
+        --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+        --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+        --storage-engine "$KAFKA_STORAGE"
+    fi
+    if want mosquitto; then
+      mqtt_config
+      start mosquitto /usr/sbin/mosquitto -c "$STACK_DIR/mosquitto.conf"
+    fi
+    if want victoria-metrics; then
       start victoria-metrics victoria-metrics -httpListenAddr "127.0.0.1:$VM_PORT" -storageDataPath "$STACK_DIR/victoria-metrics"
     fi
-    wait_port "$KAFKA_PORT" tansu
-    wait_port "$MQTT_PORT" mosquitto
-    [ "$STACK_VM" = 1 ] && wait_port "$VM_PORT" victoria-metrics
-    echo "stack up: kafka 127.0.0.1:$KAFKA_PORT, mqtt 127.0.0.1:$MQTT_PORT$([ "$STACK_VM" = 1 ] && echo ", victoria-metrics 127.0.0.1:$VM_PORT") (state in $STACK_DIR)"
+    ! want tansu || wait_port "$KAFKA_PORT" tansu
+    ! want mosquitto || wait_port "$MQTT_PORT" mosquitto
+    ! want victoria-metrics || wait_port "$VM_PORT" victoria-metrics
+    echo "stack up (${SERVICES[*]}): kafka 127.0.0.1:$KAFKA_PORT, mqtt 127.0.0.1:$MQTT_PORT, victoria-metrics 127.0.0.1:$VM_PORT (state in $STACK_DIR)"
     ;;
   down)
     for name in victoria-metrics mosquitto tansu; do
-      if [ -f "$STACK_DIR/$name.pid" ]; then
+      if want "$name" && [ -f "$STACK_DIR/$name.pid" ]; then
         pid=$(cat "$STACK_DIR/$name.pid")
         kill "$pid" 2>/dev/null || true
         for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
@@ -101,10 +120,19 @@ case "${1:-}" in
         rm -f "$STACK_DIR/$name.pid"
       fi
     done
-    echo "stack down"
+    echo "stack down (${SERVICES[*]})"
+    ;;
+  pause|resume)
+    [ $# -gt 0 ] || { echo "usage: $0 $ACTION <service...>" >&2; exit 2; }
+    signal=STOP; [ "$ACTION" = resume ] && signal=CONT
+    for name in "${SERVICES[@]}"; do
+      [ -f "$STACK_DIR/$name.pid" ] || { echo "$name is not running" >&2; exit 1; }
+      kill -s "$signal" "$(cat "$STACK_DIR/$name.pid")"
+    done
+    echo "stack ${ACTION}d (${SERVICES[*]})"
     ;;
   status)
-    for name in tansu mosquitto victoria-metrics; do
+    for name in "${SERVICES[@]}"; do
       if [ -f "$STACK_DIR/$name.pid" ] && kill -0 "$(cat "$STACK_DIR/$name.pid")" 2>/dev/null; then
         echo "$name: running (pid $(cat "$STACK_DIR/$name.pid"))"
       else
@@ -118,7 +146,7 @@ case "${1:-}" in
     echo "export TRIBUTARY_MQTT__PASSWORD=$(cat "$STACK_DIR/mqtt-bridge.secret")"
     ;;
   *)
-    echo "usage: $0 up|down|status|env" >&2
+    echo "usage: $0 up|down|status|pause|resume|env [service...]" >&2
     exit 2
     ;;
 esac

@@ -1,13 +1,22 @@
-//! `POST /v1/telemetry`: devices send our JSON (object, array, NDJSON) or SenML JSON, authenticated
-//! by their bearer token. Answers 202 only after Kafka acknowledged every message of the request.
+//! `POST /v1/telemetry`: devices send our JSON (object, array, NDJSON) or SenML JSON, optionally
+//! gzip-compressed, authenticated by their bearer token. Answers 202 only after Kafka acknowledged
+//! every message of the request; a request is all or nothing.
+//!
+//! Status codes: 400 malformed (names the field, and the line of NDJSON), 401 unknown token, 403
+//! device disabled or writing as another device, 413 too many bytes or messages, 415 unsupported
+//! content type or encoding, 429 tenant over its rate (with `Retry-After`), 503 Kafka did not
+//! acknowledge in time (with `Retry-After`). The API is described by `ingest/openapi.json`, served at
+//! `GET /openapi.json`.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
@@ -18,6 +27,12 @@ use tributary_schemas::{RawEnvelope, Source, now_micros};
 
 use crate::IngestError;
 use crate::producer::RawProducer;
+use crate::rate_limit::TenantRateLimit;
+use tributary_registry::api::{ApiError, RegistryApi};
+use tributary_registry::self_registration::SelfRegistration;
+
+/// The OpenAPI document of the HTTP API, served at `GET /openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
 
 /// `[http]` in the config file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,10 +40,18 @@ use crate::producer::RawProducer;
 pub struct HttpConfig {
     /// Address to listen on.
     pub listen: String,
-    /// Largest accepted request body (bytes); larger gets 413.
+    /// Largest accepted request body in bytes, before and after gzip decoding; larger gets 413.
     pub max_body_bytes: usize,
     /// Most messages in one request; more gets 413.
     pub max_messages: usize,
+    /// Events per second each tenant may send over HTTP to this instance; 0 = no limit. Over it,
+    /// requests get 429 with `Retry-After`.
+    pub tenant_rate_limit: u32,
+    /// Events a tenant may send at once above its rate (the token bucket's size).
+    pub tenant_burst: u32,
+    /// How long a request waits for Kafka to acknowledge all its events before it gets 503 (the
+    /// device retries; events that were stored meanwhile are deduplicated by event id).
+    pub ack_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
@@ -37,20 +60,28 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:8080".into(),
             max_body_bytes: 1024 * 1024,
             max_messages: 10_000,
+            tenant_rate_limit: 0,
+            tenant_burst: 10_000,
+            ack_timeout_ms: 10_000,
         }
     }
 }
 
-/// The HTTP ingest endpoint.
+/// The HTTP server: device ingest, and the registry's admin API when one is given.
 pub struct HttpIngest {
     config: HttpConfig,
     state: Arc<AppState>,
+    admin: Option<Router>,
 }
 
 struct AppState {
     registry: Arc<DeviceRegistry>,
+    self_registration: std::sync::OnceLock<Arc<SelfRegistration>>,
     producer: Arc<RawProducer>,
     max_messages: usize,
+    max_body_bytes: usize,
+    rate_limit: Option<TenantRateLimit>,
+    ack_timeout: Duration,
 }
 
 impl HttpIngest {
@@ -61,19 +92,49 @@ impl HttpIngest {
     ) -> Self {
         let state = Arc::new(AppState {
             registry,
+            self_registration: std::sync::OnceLock::new(),
             producer,
             max_messages: config.max_messages,
+            max_body_bytes: config.max_body_bytes,
+            rate_limit: TenantRateLimit::new(
+                f64::from(config.tenant_rate_limit),
+                f64::from(config.tenant_burst),
+            ),
+            ack_timeout: Duration::from_millis(config.ack_timeout_ms),
         });
-        Self { config, state }
+        Self {
+            config,
+            state,
+            admin: None,
+        }
+    }
+
+    /// Lets devices holding a tenant-signed JWT register themselves on first contact.
+    pub fn with_self_registration(self, sr: Arc<SelfRegistration>) -> Self {
+        // Set once, before serving; a second call keeps the first.
+        let _ = self.state.self_registration.set(sr);
+        self
+    }
+
+    /// Also serves the registry's admin API (`/v1/devices…`, `/v1/groups`).
+    pub fn with_admin(mut self, api: &RegistryApi) -> Self {
+        self.admin = Some(api.router());
+        self
     }
 
     /// The routes, for serving or for tests.
     pub fn router(&self) -> Router {
+        let admin = self.admin.clone().unwrap_or_default();
         Router::new()
             .route("/v1/telemetry", post(telemetry))
             .route("/healthz", get(|| async { "ok" }))
-            .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
+            .route(
+                "/openapi.json",
+                get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }),
+            )
             .with_state(self.state.clone())
+            .merge(admin)
+            .layer(DefaultBodyLimit::max(self.config.max_body_bytes))
     }
 
     /// Serves until `shutdown` resolves.
@@ -104,23 +165,56 @@ impl HttpIngest {
 }
 
 fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
-    let mut body = json!({ "error": message.into() });
-    if let Some(f) = field {
-        body["field"] = json!(f);
-    }
-    let mut resp = (status, axum::Json(body)).into_response();
-    match status {
-        StatusCode::UNAUTHORIZED => {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    ApiError::new(status, message).field(field).into_response()
+}
+
+/// An error the client should retry after `wait`.
+fn retry_later(status: StatusCode, message: impl Into<String>, wait: Duration) -> Response {
+    ApiError::new(status, message)
+        .retry_after(wait)
+        .into_response()
+}
+
+fn kafka_unavailable() -> Response {
+    retry_later(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "event log unavailable, retry later",
+        Duration::from_secs(1),
+    )
+}
+
+/// The body after `Content-Encoding` (identity or gzip), at most `max` bytes once decoded.
+fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Result<Bytes, ApiError> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("") | Some("identity") => Ok(body),
+        Some("gzip") | Some("x-gzip") => {
+            let mut decoded = Vec::with_capacity(body.len() * 4);
+            flate2::read::GzDecoder::new(&body[..])
+                .take(max as u64 + 1)
+                .read_to_end(&mut decoded)
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("body is not valid gzip: {e}"),
+                    )
+                })?;
+            if decoded.len() > max {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("gzip body decodes to more than {max} bytes"),
+                ));
+            }
+            Ok(Bytes::from(decoded))
         }
-        StatusCode::SERVICE_UNAVAILABLE => {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        _ => {}
+        Some(other) => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("content encoding `{other}` is not supported: use gzip or none"),
+        )),
     }
-    resp
 }
 
 async fn telemetry(
@@ -133,12 +227,23 @@ async fn telemetry(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(device) = token.and_then(|t| state.registry.authenticate(t)) else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "missing or unknown bearer token",
-            None,
-        );
+    let known = token.and_then(|t| state.registry.authenticate(t));
+    let device = match (known, token, state.self_registration.get()) {
+        (Some(d), _, _) => d,
+        (None, Some(t), Some(sr)) if SelfRegistration::looks_like_jwt(t) => {
+            match sr.authenticate(t).await {
+                Ok(d) => d,
+                Err(r) if r.forbidden => return error(StatusCode::FORBIDDEN, r.reason, None),
+                Err(r) => return error(StatusCode::UNAUTHORIZED, r.reason, None),
+            }
+        }
+        _ => {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or unknown bearer token",
+                None,
+            );
+        }
     };
     if !device.enabled {
         return error(
@@ -159,6 +264,10 @@ async fn telemetry(
             ),
             None,
         );
+    };
+    let body = match decode_body(&headers, body, state.max_body_bytes) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
     };
     let messages = match split_body(format, &body) {
         Ok(m) => m,
@@ -188,11 +297,19 @@ async fn telemetry(
             Some("device"),
         );
     }
+    if let Some(limit) = &state.rate_limit
+        && let Err(wait) = limit.take(&device.tenant, messages.len())
+    {
+        return retry_later(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("tenant `{}` is over its rate limit", device.tenant),
+            wait,
+        );
+    }
     let received_at = now_micros();
-    let mut pending = Vec::with_capacity(messages.len());
-    let mut ids = Vec::with_capacity(messages.len());
-    for m in &messages {
-        let envelope = RawEnvelope {
+    let envelopes: Vec<RawEnvelope> = messages
+        .iter()
+        .map(|m| RawEnvelope {
             event_id: m
                 .id
                 .clone()
@@ -205,30 +322,30 @@ async fn telemetry(
             payload: m.bytes.to_vec(),
             subject: device.subject.clone(),
             encryption_key_id: None,
-        };
-        match state.producer.enqueue(&envelope).await {
-            Ok(p) => pending.push(p),
-            Err(e) => {
-                tracing::warn!(error = %e, device = %device.id, "raw produce refused");
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "event log unavailable, retry later",
-                    None,
-                );
-            }
+        })
+        .collect();
+    let produce = async {
+        let mut pending = Vec::with_capacity(envelopes.len());
+        for envelope in &envelopes {
+            pending.push(state.producer.enqueue(envelope).await?);
         }
-        ids.push(envelope.event_id);
-    }
-    for result in futures::future::join_all(pending.into_iter().map(|p| p.acked())).await {
-        if let Err(e) = result {
+        for result in futures::future::join_all(pending.into_iter().map(|p| p.acked())).await {
+            result?;
+        }
+        Ok::<_, IngestError>(())
+    };
+    match tokio::time::timeout(state.ack_timeout, produce).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, device = %device.id, "raw produce failed");
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "event log unavailable, retry later",
-                None,
-            );
+            return kafka_unavailable();
+        }
+        Err(_) => {
+            tracing::warn!(device = %device.id, timeout = ?state.ack_timeout, "kafka did not acknowledge in time");
+            return kafka_unavailable();
         }
     }
+    let ids: Vec<String> = envelopes.into_iter().map(|e| e.event_id).collect();
     (
         StatusCode::ACCEPTED,
         axum::Json(json!({ "accepted": ids.len(), "event_ids": ids })),

@@ -10,6 +10,7 @@
 pub mod http;
 pub mod mqtt;
 pub mod producer;
+pub mod rate_limit;
 
 /// Errors of the ingest stages.
 #[derive(Debug, thiserror::Error)]

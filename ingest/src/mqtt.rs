@@ -154,19 +154,19 @@ impl MqttBridge {
         };
         RawEnvelope {
             event_id: id.unwrap_or_else(|| payload::content_event_id(device, &publish.payload)),
-            tenant: known.map(|d| d.tenant.clone()).unwrap_or_default(),
+            tenant: known.as_ref().map(|d| d.tenant.clone()).unwrap_or_default(),
             device: device.to_owned(),
             source: Source::Mqtt,
             received_at: now_micros(),
             content_type: content_type.message_content_type().to_owned(),
             payload: publish.payload.to_vec(),
-            subject: known.and_then(|d| d.subject.clone()),
+            subject: known.as_ref().and_then(|d| d.subject.clone()),
             encryption_key_id: None,
         }
     }
 
     /// Runs until the task is cancelled. Reconnects on its own.
-    pub async fn run(self) -> Result<(), IngestError> {
+    pub async fn run(&self) -> Result<(), IngestError> {
         let mut options =
             MqttOptions::new(&self.config.client_id, &self.config.host, self.config.port);
         options

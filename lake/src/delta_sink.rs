@@ -23,7 +23,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tributary_schemas::avro::{self, decode};
-use tributary_schemas::kafka::{KafkaConfig, PartitionChange, RecordingContext};
+use tributary_schemas::kafka::{KafkaConfig, PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 use tributary_schemas::{DeadLetter, now_micros};
 
 use crate::tables::{LakeRow, PARTITION_COLUMNS};
@@ -101,7 +101,7 @@ impl<R: LakeRow> DeltaSink<R> {
     }
 
     /// Runs until the task is cancelled or a non-retryable error.
-    pub async fn run(self) -> Result<(), LakeError> {
+    pub async fn run(&self) -> Result<(), LakeError> {
         let context = RecordingContext::default();
         let consumer: StreamConsumer<RecordingContext> = self
             .kafka
@@ -212,7 +212,14 @@ impl<R: LakeRow> DeltaSink<R> {
                     oldest.get_or_insert_with(Instant::now);
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "consume error"),
-                Err(_) => {}
+                Err(_) => {
+                    if let Some(d) = context.orphaned_for().filter(|d| *d > REJOIN_TIMEOUT)
+                        && rows.is_empty()
+                    {
+                        // The supervisor starts this sink again with a new consumer.
+                        return Err(LakeError::Orphaned(d));
+                    }
+                }
             }
             let due = oldest.is_some_and(|t| t.elapsed() >= flush_interval)
                 || rows.len() >= self.lake.flush_rows;
@@ -257,7 +264,9 @@ impl<R: LakeRow> DeltaSink<R> {
                     oldest = None;
                     tracing::info!(table = %self.table, rows = count, version = ?table.version(), ms = started.elapsed().as_millis() as u64, written, dropped, "delta commit");
                     if offsets.count() > 0
-                        && let Err(e) = consumer.commit(&offsets, CommitMode::Sync)
+                        && let Err(e) = tokio::task::block_in_place(|| {
+                            consumer.commit(&offsets, CommitMode::Sync)
+                        })
                     {
                         tracing::debug!(error = %e, "kafka offset commit (advisory) failed");
                     }
@@ -288,7 +297,10 @@ impl<R: LakeRow> DeltaSink<R> {
         consumer: &StreamConsumer<RecordingContext>,
         table: &DeltaTable,
     ) -> Result<(), LakeError> {
-        let metadata = consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10))?;
+        // Blocking librdkafka calls: keep them off the async workers (the HTTP ingest shares them).
+        let metadata = tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(Some(&self.topic), Duration::from_secs(10))
+        })?;
         let partitions: Vec<i32> = metadata
             .topics()
             .iter()
@@ -302,7 +314,7 @@ impl<R: LakeRow> DeltaSink<R> {
             }
         }
         if tpl.count() > 0 {
-            consumer.commit(&tpl, CommitMode::Sync)?;
+            tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))?;
             tracing::info!(topic = %self.topic, offsets = ?tpl.to_topic_map(), "group offsets aligned with the table");
         }
         Ok(())

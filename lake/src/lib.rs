@@ -33,6 +33,8 @@ pub enum LakeError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("encoding: {0}")]
     Encode(#[from] tributary_schemas::avro::AvroError),
+    #[error("the consumer lost its partitions {0:?} ago and got none back")]
+    Orphaned(std::time::Duration),
 }
 
 /// `[lake]` in the config file.

@@ -146,6 +146,7 @@ impl SchemaId {
     pub const RAW_ENVELOPE: u32 = 1;
     pub const READING: u32 = 2;
     pub const DEAD_LETTER: u32 = 3;
+    pub const REGISTRY_EVENT: u32 = 4;
 }
 
 topic_record!(
@@ -160,6 +161,13 @@ topic_record!(
     "DeadLetter",
     SchemaId::DEAD_LETTER,
     "dead_letter.avsc"
+);
+
+topic_record!(
+    crate::registry::RegistryEvent,
+    "RegistryEvent",
+    SchemaId::REGISTRY_EVENT,
+    "registry_event.avsc"
 );
 
 impl Derived for Reading {

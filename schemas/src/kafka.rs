@@ -1,6 +1,8 @@
 //! Kafka client settings shared by every stage, so producers and consumers agree on them.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
@@ -112,26 +114,61 @@ pub enum PartitionChange {
     Revoked(Vec<(String, i32)>),
 }
 
-/// Records [`PartitionChange`]s for the stage loop to drain.
+/// How long a consumer may stay without partitions after losing all it had before its stage gives
+/// up on this consumer and starts a new one. (After a broker stall, Tansu may never hand the
+/// partitions back to the member whose session timed out; a new consumer re-takes them.)
+pub const REJOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Records [`PartitionChange`]s for the stage loop to drain, and whether the consumer lost all its
+/// partitions and got none back.
 #[derive(Clone, Default)]
 pub struct RecordingContext {
-    changes: Arc<Mutex<Vec<PartitionChange>>>,
+    state: Arc<Mutex<ContextState>>,
+}
+
+#[derive(Default)]
+struct ContextState {
+    changes: Vec<PartitionChange>,
+    assigned: HashSet<(String, i32)>,
+    orphaned_since: Option<Instant>,
 }
 
 impl RecordingContext {
-    /// The changes since the last call.
-    pub fn drain(&self) -> Vec<PartitionChange> {
-        match self.changes.lock() {
-            Ok(mut c) => std::mem::take(&mut *c),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+    fn with<T>(&self, f: impl FnOnce(&mut ContextState) -> T) -> T {
+        match self.state.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
         }
     }
 
+    /// The changes since the last call.
+    pub fn drain(&self) -> Vec<PartitionChange> {
+        self.with(|s| std::mem::take(&mut s.changes))
+    }
+
+    /// How long ago the consumer lost its last partition, if it has none now.
+    pub fn orphaned_for(&self) -> Option<Duration> {
+        self.with(|s| s.orphaned_since.map(|t| t.elapsed()))
+    }
+
     fn push(&self, change: PartitionChange) {
-        match self.changes.lock() {
-            Ok(mut c) => c.push(change),
-            Err(poisoned) => poisoned.into_inner().push(change),
-        }
+        self.with(|s| {
+            match &change {
+                PartitionChange::Assigned(parts) => {
+                    s.assigned.extend(parts.iter().cloned());
+                    s.orphaned_since = None;
+                }
+                PartitionChange::Revoked(parts) => {
+                    for p in parts {
+                        s.assigned.remove(p);
+                    }
+                    if s.assigned.is_empty() {
+                        s.orphaned_since = Some(Instant::now());
+                    }
+                }
+            }
+            s.changes.push(change);
+        });
     }
 }
 

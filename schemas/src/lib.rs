@@ -3,9 +3,10 @@
 //! This crate owns: topic names and partition counts ([`topics`]), the Avro schemas of every topic and
 //! their Rust types ([`avro`], the `.avsc` files under `schemas/avro/`), the Confluent wire framing,
 //! the device payload formats devices may send ([`payload`]: our JSON and SenML), the device registry
-//! model ([`registry`]) and the Kafka client settings every stage shares ([`kafka`]).
+//! model and its in-memory view ([`registry`]) and the Kafka client settings every stage shares
+//! ([`kafka`]).
 //!
-//! It must not touch: I/O beyond reading the registry file, any stage's logic, or the lake.
+//! It must not touch: I/O, any stage's logic, or the lake.
 
 pub mod avro;
 pub mod kafka;

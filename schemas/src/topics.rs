@@ -12,6 +12,8 @@ pub struct Topics {
     pub telemetry: String,
     /// Rejected inputs with reason and provenance.
     pub deadletter: String,
+    /// Device registry changes, compacted, key = device (the latest record is the device).
+    pub registry: String,
 }
 
 impl Default for Topics {
@@ -20,6 +22,7 @@ impl Default for Topics {
             raw: "raw".into(),
             telemetry: "telemetry".into(),
             deadletter: "deadletter".into(),
+            registry: "registry".into(),
         }
     }
 }
@@ -39,14 +42,21 @@ impl Topics {
     /// Derived topics have as many partitions as `raw`: the cleanse stage writes the outputs of raw
     /// partition *p* to partition *p* of each derived topic, which keeps per-device order and lets the
     /// lake sink drop re-emitted outputs by their source position (see ARCHITECTURE.md).
+    /// The registry topic is compacted: its latest record per device is the device.
     pub fn specs(&self, partitions: i32) -> Vec<TopicSpec> {
-        [&self.raw, &self.telemetry, &self.deadletter]
+        let mut specs: Vec<TopicSpec> = [&self.raw, &self.telemetry, &self.deadletter]
             .into_iter()
             .map(|name| TopicSpec {
                 name: name.clone(),
                 partitions,
                 compacted: false,
             })
-            .collect()
+            .collect();
+        specs.push(TopicSpec {
+            name: self.registry.clone(),
+            partitions,
+            compacted: true,
+        });
+        specs
     }
 }

@@ -8,7 +8,6 @@
 //! transactions.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
@@ -19,12 +18,11 @@ use serde::{Deserialize, Serialize};
 use tributary_schemas::avro::{self, decode};
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::payload::parse_message;
-use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, now_micros};
 
 use crate::StreamError;
 use crate::dedup::DedupWindow;
-use tributary_schemas::kafka::{PartitionChange, RecordingContext};
+use tributary_schemas::kafka::{PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 
 /// The name of this stage (consumer group suffix, `stage` of its dead letters).
 pub const STAGE: &str = "cleanse";
@@ -68,7 +66,6 @@ pub struct Position<'a> {
 
 /// The pure cleanse logic: validation, dedup, shaping. No I/O.
 pub struct Cleanser {
-    registry: Arc<DeviceRegistry>,
     horizon: Micros,
     windows: HashMap<i32, DedupWindow>,
     /// Duplicates dropped so far (they are expected redundancy, not rejections).
@@ -87,9 +84,8 @@ struct Rejection<'a> {
 }
 
 impl Cleanser {
-    pub fn new(registry: Arc<DeviceRegistry>, dedup_horizon_secs: u64) -> Self {
+    pub fn new(dedup_horizon_secs: u64) -> Self {
         Self {
-            registry,
             horizon: dedup_horizon_secs.saturating_mul(1_000_000) as Micros,
             windows: HashMap::new(),
             duplicates: 0,
@@ -165,11 +161,10 @@ impl Cleanser {
             received_at: e.received_at,
             original: &e.payload,
         };
-        let known = self
-            .registry
-            .get(&e.device)
-            .filter(|d| d.tenant == e.tenant);
-        if known.is_none() {
+        // The ingest stamped the tenant from the registry as it was when the event arrived: an
+        // empty tenant means the device was unknown then. Replaying `raw` later gives the same
+        // answer whatever the registry says by then.
+        if e.tenant.is_empty() {
             let reason = if e.device.is_empty() {
                 "the event names no device".to_owned()
             } else {
@@ -265,23 +260,21 @@ impl Outputs<'_> {
 pub struct CleanseStage {
     kafka: KafkaConfig,
     config: CleanseConfig,
-    registry: Arc<DeviceRegistry>,
 }
 
 impl CleanseStage {
-    pub fn new(kafka: KafkaConfig, config: CleanseConfig, registry: Arc<DeviceRegistry>) -> Self {
-        Self {
-            kafka,
-            config,
-            registry,
-        }
+    pub fn new(kafka: KafkaConfig, config: CleanseConfig) -> Self {
+        Self { kafka, config }
     }
 
     fn partitions_of(
         consumer: &StreamConsumer<RecordingContext>,
         topic: &str,
     ) -> Result<i32, StreamError> {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        // A blocking librdkafka call: keep it off the async workers (the HTTP ingest shares them).
+        let md = tokio::task::block_in_place(|| {
+            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
+        })?;
         let n = md
             .topics()
             .iter()
@@ -355,7 +348,7 @@ impl CleanseStage {
     }
 
     /// Runs until the task is cancelled or Kafka fails for good.
-    pub async fn run(self) -> Result<(), StreamError> {
+    pub async fn run(&self) -> Result<(), StreamError> {
         let context = RecordingContext::default();
         let consumer: StreamConsumer<RecordingContext> = self
             .kafka
@@ -368,7 +361,7 @@ impl CleanseStage {
         Self::partitions_of(&consumer, &topics.raw)?;
         consumer.subscribe(&[&topics.raw])?;
         tracing::info!(raw = %topics.raw, "cleanse stage started");
-        let mut cleanser = Cleanser::new(self.registry.clone(), self.config.dedup_horizon_secs);
+        let mut cleanser = Cleanser::new(self.config.dedup_horizon_secs);
         let horizon = (self.config.dedup_horizon_secs as i64).saturating_mul(1_000_000);
         let mut warmed: HashSet<i32> = HashSet::new();
         let (mut readings, mut rejected) = (0u64, 0u64);
@@ -390,6 +383,11 @@ impl CleanseStage {
                         Err(_) => {
                             if count > 0 {
                                 break;
+                            }
+                            if let Some(d) = context.orphaned_for().filter(|d| *d > REJOIN_TIMEOUT)
+                            {
+                                // The supervisor starts this stage again with a new consumer.
+                                return Err(StreamError::Orphaned(d));
                             }
                             continue;
                         }
@@ -466,7 +464,9 @@ impl CleanseStage {
                 for (p, o) in &next_offsets {
                     tpl.add_partition_offset(&topics.raw, *p, Offset::Offset(*o))?;
                 }
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                if let Err(e) =
+                    tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
+                {
                     // Outputs are already written; the next owner re-emits and the sink drops them.
                     tracing::warn!(error = %e, "offset commit failed");
                 }
@@ -512,19 +512,10 @@ async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tributary_schemas::registry::{Device, token_hash};
     use tributary_schemas::{Source, avro::encode};
 
     fn cleanser() -> Cleanser {
-        let reg = DeviceRegistry::from_devices(vec![Device {
-            id: "d1".into(),
-            tenant: "acme".into(),
-            token_sha256: token_hash("t"),
-            enabled: true,
-            subject: None,
-        }])
-        .unwrap();
-        Cleanser::new(Arc::new(reg), 3600)
+        Cleanser::new(3600)
     }
 
     fn raw(device: &str, id: &str, payload: &str) -> Vec<u8> {

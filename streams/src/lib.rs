@@ -20,4 +20,6 @@ pub enum StreamError {
     MissingTopic(String),
     #[error("state warm-up: {0}")]
     WarmUp(String),
+    #[error("the consumer lost its partitions {0:?} ago and got none back")]
+    Orphaned(std::time::Duration),
 }

@@ -11,6 +11,9 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
 
+/// The admin API token of every test stack.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -62,10 +65,7 @@ impl Stack {
             ),
             ("TRIBUTARY_LAKE__URL", d.join("lake").display().to_string()),
             ("TRIBUTARY_LAKE__FLUSH_INTERVAL_MS", "500".into()),
-            (
-                "TRIBUTARY_REGISTRY__PATH",
-                d.join("registry.json").display().to_string(),
-            ),
+            ("TRIBUTARY_REGISTRY__ADMIN_TOKEN", ADMIN_TOKEN.into()),
             (
                 "TRIBUTARY_SIMULATOR__TOKENS_PATH",
                 d.join("device-tokens.json").display().to_string(),
@@ -96,6 +96,21 @@ impl Stack {
             env: env.clone(),
             stack_env,
         };
+        // Kafka first: devices are seeded on the registry topic, and Mosquitto needs their tokens.
+        stack.service("up", &["tansu"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = stack.cmd(&["topics", "create"]).output().unwrap();
+            if out.status.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "topics create failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let plain = stack.dir.path().join("stack").join("mqtt-users.plain");
         std::fs::create_dir_all(plain.parent().unwrap()).unwrap();
         stack.ok(&[
@@ -113,35 +128,30 @@ impl Stack {
             users.push_str(&format!("{u}:{p}\n"));
         }
         std::fs::write(&plain, users).unwrap();
-        stack.stack("up");
+        stack.service("up", &["mosquitto"]);
         let secret =
             std::fs::read_to_string(stack.dir.path().join("stack/mqtt-bridge.secret")).unwrap();
         env.push(("TRIBUTARY_MQTT__PASSWORD".into(), secret.trim().to_owned()));
         stack.env = env;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let out = stack.cmd(&["topics", "create"]).output().unwrap();
-            if out.status.success() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "topics create failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
         stack
     }
 
-    fn stack(&self, action: &str) {
+    /// `stack.sh up|down <services>`: stops or starts single services (e.g. the broker) mid-test.
+    pub fn service(&self, action: &str, services: &[&str]) {
         let status = Command::new("bash")
             .arg(repo().join("deploy/local/stack.sh"))
             .arg(action)
+            .args(services)
             .envs(self.stack_env.iter().map(|(k, v)| (k, v)))
             .status()
             .unwrap();
-        assert!(status.success(), "stack.sh {action} failed");
+        assert!(status.success(), "stack.sh {action} {services:?} failed");
+    }
+
+    /// Sets a configuration override (`TRIBUTARY_…`) for every later command.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
     }
 
     /// A `tributary` command configured for this stack.
@@ -176,6 +186,30 @@ impl Stack {
             .unwrap();
         self.wait_http();
         child
+    }
+
+    /// Starts the simulator in the background: `messages` messages from 20 devices at `rate` msg/s,
+    /// in HTTP batches of 10. Its JSON summary is on the child's stdout.
+    pub fn spawn_simulator(&self, via: &str, messages: u64, rate: u64, seed: &str) -> Child {
+        self.cmd(&[
+            "simulate",
+            "--via",
+            via,
+            "--devices",
+            "20",
+            "--messages",
+            &messages.to_string(),
+            "--rate",
+            &rate.to_string(),
+            "--batch",
+            "10",
+            "--seed",
+            seed,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
     }
 
     pub fn wait_http(&self) {
@@ -233,6 +267,47 @@ impl Stack {
             "{what}\n{}",
             self.logs()
         );
+    }
+
+    /// Every record of the `raw` topic (the source of truth), decoded, read to its end.
+    pub fn raw_envelopes(&self) -> Vec<tributary_schemas::RawEnvelope> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::Message;
+        let kafka = tributary_schemas::kafka::KafkaConfig {
+            brokers: format!("127.0.0.1:{}", self.kafka_port),
+            ..Default::default()
+        };
+        let reader: BaseConsumer = kafka.reader("test-raw").create().unwrap();
+        let topic = kafka.topics.raw.clone();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        let mut remaining = std::collections::HashMap::new();
+        for p in 0..kafka.partitions {
+            let (low, high) = reader
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap();
+            if high > low {
+                remaining.insert(p, high);
+            }
+            tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
+                .unwrap();
+        }
+        reader.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !remaining.is_empty() && Instant::now() < deadline {
+            if let Some(Ok(m)) = reader.poll(Duration::from_millis(500)) {
+                if let Some(bytes) = m.payload() {
+                    out.push(tributary_schemas::avro::decode(bytes).unwrap());
+                }
+                if remaining
+                    .get(&m.partition())
+                    .is_some_and(|h| m.offset() + 1 >= *h)
+                {
+                    remaining.remove(&m.partition());
+                }
+            }
+        }
+        out
     }
 
     /// Readings that appear more than once, by (tenant, device, event id, metric).
@@ -293,6 +368,20 @@ impl Drop for Stack {
 /// Parses the simulator's JSON summary (its last stdout line).
 pub fn summary(stdout: &str) -> Value {
     serde_json::from_str(stdout.trim().lines().last().unwrap_or("{}")).unwrap()
+}
+
+/// Waits for a simulator started by [`Stack::spawn_simulator`] and returns its summary.
+pub fn finish_simulator(child: Child) -> Value {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "simulator failed");
+    summary(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// A number from a simulator summary.
+pub fn field(summary: &Value, key: &str) -> u64 {
+    summary[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {summary}"))
 }
 
 /// Stops a child for good.

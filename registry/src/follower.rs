@@ -1,0 +1,112 @@
+//! Rebuilds a process's registry view from the `registry` topic and keeps it current.
+//!
+//! The follower reads every partition from the beginning, outside any consumer group (every
+//! process needs every device), applies each event in order, and reports ready once it reached the
+//! end the topic had when it started. Then it keeps applying new events as they arrive.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tributary_schemas::avro;
+use tributary_schemas::kafka::KafkaConfig;
+use tributary_schemas::registry::{DeviceRegistry, RegistryEvent};
+
+use crate::RegistryError;
+
+/// How long the catch-up waits without any record before it trusts the watermarks it saw (a
+/// partition's high watermark can sit past its last readable record).
+const IDLE_CATCH_UP: Duration = Duration::from_secs(5);
+
+/// Loads the whole registry into `view`, then follows the topic in a background task. Returns
+/// once the view holds every device the topic held at the start.
+pub async fn follow(
+    kafka: &KafkaConfig,
+    view: Arc<DeviceRegistry>,
+) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
+    let topic = kafka.topics.registry.clone();
+    let consumer: StreamConsumer = kafka
+        .reader(&format!("registry-{}", std::process::id()))
+        .create()?;
+    // Blocking librdkafka calls, off the async workers.
+    let metadata = tokio::task::block_in_place(|| {
+        consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))
+    })?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(RegistryError::NoTopic(topic));
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining: HashMap<i32, i64> = HashMap::new();
+    for &p in &partitions {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+        let (low, high) = tokio::task::block_in_place(|| {
+            consumer.fetch_watermarks(&topic, p, Duration::from_secs(10))
+        })?;
+        if high > low {
+            remaining.insert(p, high);
+        }
+    }
+    consumer.assign(&tpl)?;
+    let started = Instant::now();
+    let mut applied = 0u64;
+    while !remaining.is_empty() {
+        match tokio::time::timeout(IDLE_CATCH_UP, consumer.recv()).await {
+            Ok(Ok(m)) => {
+                apply(&view, &m);
+                applied += 1;
+                if remaining
+                    .get(&m.partition())
+                    .is_some_and(|&high| m.offset() + 1 >= high)
+                {
+                    remaining.remove(&m.partition());
+                }
+            }
+            Ok(Err(e)) => return Err(RegistryError::Kafka(e)),
+            Err(_) => {
+                tracing::warn!(partitions = ?remaining.keys().collect::<Vec<_>>(), "registry catch-up idle before the high watermark; going on with what was read");
+                break;
+            }
+        }
+    }
+    tracing::info!(
+        devices = view.len(),
+        events = applied,
+        secs = started.elapsed().as_secs_f64(),
+        "device registry loaded"
+    );
+    Ok(tokio::spawn(async move {
+        loop {
+            match consumer.recv().await {
+                Ok(m) => apply(&view, &m),
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry follower: kafka error; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }))
+}
+
+fn apply(view: &DeviceRegistry, m: &impl Message) {
+    match m.payload().map(avro::decode::<RegistryEvent>) {
+        Some(Ok(event)) => view.apply(&event),
+        Some(Err(e)) => {
+            tracing::error!(error = %e, partition = m.partition(), offset = m.offset(), "unreadable registry event skipped");
+        }
+        // A tombstone: the key's device is gone.
+        None => {
+            if let Some(Ok(device)) = m.key().map(std::str::from_utf8) {
+                view.remove(device);
+            }
+        }
+    }
+}
