@@ -19,7 +19,10 @@ bin="$CARGO_TARGET_DIR/debug/tributary"
 
 mkdir -p "$STACK_DIR"
 cleanup() {
-  [ -n "${pipeline:-}" ] && kill "$pipeline" 2>/dev/null && wait "$pipeline" 2>/dev/null
+  if [ -n "${pipeline:-}" ]; then
+    kill -INT "$pipeline" 2>/dev/null || true   # SIGINT: the pipeline stops cleanly
+    wait "$pipeline" 2>/dev/null || true
+  fi
   deploy/local/stack.sh down
 }
 trap cleanup EXIT
