@@ -1,12 +1,9 @@
 //! The producer of the `raw` topic: idempotent, compressed, keyed by device.
 
-use std::time::Duration;
-
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use tributary_schemas::RawEnvelope;
 use tributary_schemas::avro;
-use tributary_schemas::kafka::KafkaConfig;
+use tributary_schemas::kafka::{self, KafkaConfig};
 
 use crate::IngestError;
 
@@ -31,14 +28,8 @@ pub struct Pending {
 impl Pending {
     /// Waits for Kafka's acknowledgement.
     pub async fn acked(self) -> Result<Stored, IngestError> {
-        match self.delivery.await {
-            Ok(Ok(d)) => Ok(Stored {
-                partition: d.partition,
-                offset: d.offset,
-            }),
-            Ok(Err((e, _))) => Err(IngestError::Kafka(e)),
-            Err(_) => Err(IngestError::Kafka(KafkaError::Canceled)),
-        }
+        let (partition, offset) = kafka::delivered(self.delivery).await?;
+        Ok(Stored { partition, offset })
     }
 }
 
@@ -63,16 +54,8 @@ impl RawProducer {
         device: &str,
         payload: &[u8],
     ) -> Result<Pending, IngestError> {
-        loop {
-            let record = FutureRecord::to(&self.topic).key(device).payload(payload);
-            match self.producer.send_result(record) {
-                Ok(delivery) => return Ok(Pending { delivery }),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                Err((e, _)) => return Err(IngestError::Kafka(e)),
-            }
-        }
+        let delivery = kafka::enqueue(&self.producer, &self.topic, None, device, payload).await?;
+        Ok(Pending { delivery })
     }
 
     /// Encodes, sends and waits for Kafka's acknowledgement.

@@ -18,7 +18,9 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -134,6 +136,27 @@ fn fail(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> 
 /// A JSON error naming the field at fault when there is one.
 fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
     fail(status, message, field).into_response()
+}
+
+/// Proof that the request carries the admin token: every admin handler takes one, so none can
+/// forget the check.
+struct Admin;
+
+impl FromRequestParts<Arc<ApiState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, Self::Rejection> {
+        check_admin(state, &parts.headers).map(|()| Admin)
+    }
+}
+
+/// Query parameters, or 400 naming what is wrong with them.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
 fn check_admin(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -288,10 +311,7 @@ fn parse_create(body: &[u8]) -> Result<(String, String, Attributes), ApiError> {
     Ok((id, tenant, attributes))
 }
 
-async fn create(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r.into_response();
-    }
+async fn create(_: Admin, State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
     let (id, tenant, attributes) = match parse_create(&body) {
         Ok(r) => r,
         Err(r) => return r.into_response(),
@@ -364,10 +384,7 @@ fn one() -> usize {
     1
 }
 
-async fn bulk(State(state): State<Arc<ApiState>>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r.into_response();
-    }
+async fn bulk(_: Admin, State(state): State<Arc<ApiState>>, body: Bytes) -> Response {
     let req: BulkRequest = match parse(&body) {
         Ok(r) => r,
         Err(r) => return r.into_response(),
@@ -435,16 +452,13 @@ struct ListQuery {
 }
 
 async fn list(
+    _: Admin,
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r.into_response();
-    }
-    let Query(q) = match query {
+    let q = match query(q) {
         Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), None),
+        Err(e) => return e.into_response(),
     };
     let limit = q.limit.unwrap_or(1000).clamp(1, MAX_PAGE);
     let devices = list_page(state.writer.view(), &q, limit);
@@ -465,14 +479,7 @@ fn list_page(view: &DeviceRegistry, q: &ListQuery, limit: usize) -> Vec<Arc<Devi
     devices
 }
 
-async fn get_one(
-    State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r.into_response();
-    }
+async fn get_one(_: Admin, State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
     match state.writer.view().get(&id) {
         Some(d) => axum::Json(view(&d)).into_response(),
         None => not_found(&id),
@@ -513,14 +520,11 @@ struct Patch {
 }
 
 async fn update(
+    _: Admin,
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r.into_response();
-    }
     let patch: Patch = match parse(&body) {
         Ok(p) => p,
         Err(r) => return r.into_response(),
@@ -571,14 +575,7 @@ async fn update(
     }
 }
 
-async fn delete(
-    State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r.into_response();
-    }
+async fn delete(_: Admin, State(state): State<Arc<ApiState>>, Path(id): Path<String>) -> Response {
     let _guard = state.writer.lock().await;
     let Some(current) = state.writer.view().get(&id) else {
         return not_found(&id);
@@ -604,16 +601,13 @@ struct GroupsQuery {
 }
 
 async fn groups(
+    _: Admin,
     State(state): State<Arc<ApiState>>,
-    headers: HeaderMap,
-    query: Result<Query<GroupsQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<GroupsQuery>, QueryRejection>,
 ) -> Response {
-    if let Err(r) = check_admin(&state, &headers) {
-        return r.into_response();
-    }
-    let Query(q) = match query {
+    let q = match query(q) {
         Ok(q) => q,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text(), None),
+        Err(e) => return e.into_response(),
     };
     let mut counts: HashMap<(String, Option<String>), u64> = HashMap::new();
     for d in state

@@ -2,12 +2,10 @@
 //! process's view, so a caller reads its own writes at once.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use tributary_schemas::avro;
-use tributary_schemas::kafka::KafkaConfig;
+use tributary_schemas::kafka::{self, KafkaConfig};
 use tributary_schemas::registry::{DeviceRegistry, RegistryEvent};
 
 use crate::RegistryError;
@@ -47,26 +45,11 @@ impl RegistryWriter {
         let mut pending = Vec::with_capacity(events.len());
         for e in events {
             let bytes = avro::encode(e)?;
-            loop {
-                let record = FutureRecord::to(&self.topic).key(&e.device).payload(&bytes);
-                match self.producer.send_result(record) {
-                    Ok(delivery) => {
-                        pending.push(delivery);
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => return Err(RegistryError::Kafka(e)),
-                }
-            }
+            pending
+                .push(kafka::enqueue(&self.producer, &self.topic, None, &e.device, &bytes).await?);
         }
-        for result in futures::future::join_all(pending).await {
-            match result {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(RegistryError::Kafka(e)),
-                Err(_) => return Err(RegistryError::Kafka(KafkaError::Canceled)),
-            }
+        for result in futures::future::join_all(pending.into_iter().map(kafka::delivered)).await {
+            result?;
         }
         for e in events {
             self.view.apply(e);

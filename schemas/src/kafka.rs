@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::{Deserialize, Serialize};
 
 use crate::Topics;
@@ -101,6 +103,39 @@ impl KafkaConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
         c
+    }
+}
+
+/// Hands a record to the producer (to `partition`, or by key when `None`), waiting while the
+/// producer's bounded queue is full: backpressure, never a drop.
+pub async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &str,
+    payload: &[u8],
+) -> Result<DeliveryFuture, KafkaError> {
+    loop {
+        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+/// Waits for Kafka's acknowledgement of an enqueued record: its (partition, offset).
+pub async fn delivered(delivery: DeliveryFuture) -> Result<(i32, i64), KafkaError> {
+    match delivery.await {
+        Ok(Ok(d)) => Ok((d.partition, d.offset)),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
     }
 }
 

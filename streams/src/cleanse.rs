@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tributary_schemas::avro::{self, decode};
-use tributary_schemas::kafka::KafkaConfig;
+use tributary_schemas::kafka::{self, KafkaConfig};
 use tributary_schemas::payload::parse_message;
 use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, now_micros};
 
@@ -447,17 +447,14 @@ impl CleanseStage {
                             )
                         }
                     };
-                    deliveries.push(send(&producer, topic, part, key, &bytes).await?);
+                    deliveries
+                        .push(kafka::enqueue(&producer, topic, Some(part), key, &bytes).await?);
                 }
                 next_offsets.insert(partition, offset + 1);
                 count += 1;
             }
             for d in deliveries {
-                match d.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => return Err(StreamError::Kafka(e)),
-                    Err(_) => return Err(StreamError::Kafka(rdkafka::error::KafkaError::Canceled)),
-                }
+                kafka::delivered(d).await?;
             }
             if !next_offsets.is_empty() {
                 let mut tpl = TopicPartitionList::new();
@@ -478,33 +475,6 @@ impl CleanseStage {
                     "batch committed"
                 );
             }
-        }
-    }
-}
-
-async fn send(
-    producer: &FutureProducer,
-    topic: &str,
-    partition: i32,
-    key: &str,
-    bytes: &[u8],
-) -> Result<DeliveryFuture, StreamError> {
-    loop {
-        let record = FutureRecord::to(topic)
-            .partition(partition)
-            .key(key)
-            .payload(bytes);
-        match producer.send_result(record) {
-            Ok(d) => return Ok(d),
-            Err((
-                rdkafka::error::KafkaError::MessageProduction(
-                    rdkafka::types::RDKafkaErrorCode::QueueFull,
-                ),
-                _,
-            )) => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err((e, _)) => return Err(StreamError::Kafka(e)),
         }
     }
 }
