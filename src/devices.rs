@@ -12,11 +12,11 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tributary_registry::new_token;
+use tributary_registry::issue_token;
 use tributary_registry::writer::RegistryWriter;
 use tributary_schemas::now_micros;
 use tributary_schemas::registry::{
-    Device, DeviceRegistry, RegistryChange, RegistryEvent, token_hash,
+    Device, DeviceRegistry, RegistryChange, RegistryEvent,
 };
 
 use crate::config::Config;
@@ -58,9 +58,6 @@ pub struct SeedArgs {
     /// Spread over this many tenants (tenant-1 … tenant-N).
     #[arg(long, default_value_t = 3)]
     pub tenants: usize,
-    /// Also write `device:token` lines here, for `mosquitto_passwd -U` (mode 0600).
-    #[arg(long)]
-    pub mosquitto_passwd: Option<std::path::PathBuf>,
 }
 
 #[derive(Args)]
@@ -341,11 +338,10 @@ pub async fn seed(config: &Config, args: SeedArgs) -> anyhow::Result<()> {
     let mut secrets = Vec::with_capacity(args.count);
     let mut events = Vec::with_capacity(args.count);
     for i in 0..args.count {
-        let token = new_token();
         let device = format!("dev-{:05}", i + 1);
         let tenant = format!("tenant-{}", i % args.tenants + 1);
         let mut d = Device::new(device.clone(), tenant.clone(), at);
-        d.token_sha256 = Some(token_hash(&token));
+        let token = issue_token(&mut d);
         d.model = Some("sim-th-1".into());
         d.metrics = vec![
             "temperature".into(),
@@ -374,13 +370,6 @@ pub async fn seed(config: &Config, args: SeedArgs) -> anyhow::Result<()> {
         &config.simulator.tokens_path,
         &serde_json::to_vec_pretty(&secrets)?,
     )?;
-    if let Some(path) = &args.mosquitto_passwd {
-        let lines: String = secrets
-            .iter()
-            .map(|s| format!("{}:{}\n", s.device, s.token))
-            .collect();
-        write_private(path, lines.as_bytes())?;
-    }
     println!(
         "seeded {} devices over {} tenants on topic `{}`; tokens in {}",
         args.count,

@@ -3,9 +3,12 @@
 //! ```text
 //! devices ─HTTP─▶ http ─┐
 //!                       ├─▶ raw ─▶ cleanse ─▶ telemetry ─▶ lake (Delta table `telemetry`)
-//! devices ─MQTT─▶ mqtt ─┘                 └─▶ deadletter ─▶ lake (Delta table `deadletter`)
+//! devices ─MQTT─▶ mqtt ─┘  │              └─▶ deadletter ─▶ lake (Delta table `deadletter`)
+//!                          └─▶ lake (Delta table `usage`: events and bytes per device and hour)
 //!
-//! admins ─HTTP─▶ http (/v1/devices…) ─▶ registry ─▶ the registry view of http and mqtt
+//! admins ─HTTP─▶ http (/v1/devices…) ─▶ registry ─┬─▶ the registry view of http and mqtt (and
+//!                                                 │   Mosquitto's password file)
+//!                                                 └─▶ lake (Delta table `devices`)
 //! ```
 
 use std::sync::Arc;
@@ -14,10 +17,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::ValueEnum;
 use tokio::task::JoinSet;
+use tributary_ingest::broker_credentials::BrokerCredentials;
 use tributary_ingest::http::HttpIngest;
 use tributary_ingest::mqtt::MqttBridge;
 use tributary_ingest::producer::RawProducer;
 use tributary_lake::delta_sink::DeltaSink;
+use tributary_lake::tables::LakeRow;
+use tributary_lake::tables::devices::DeviceState;
+use tributary_lake::tables::usage::UsageEvent;
 use tributary_registry::api::RegistryApi;
 use tributary_registry::follower;
 use tributary_registry::self_registration::SelfRegistration;
@@ -39,7 +46,7 @@ pub enum Stage {
     Mqtt,
     /// Cleanse: raw → telemetry + deadletter.
     Cleanse,
-    /// Delta sinks: telemetry and deadletter → Delta tables.
+    /// Delta sinks: telemetry, deadletter, registry (→ `devices`) and raw (→ `usage`) → Delta tables.
     Lake,
 }
 
@@ -62,6 +69,18 @@ pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
             follower.await?;
             Ok("registry follower")
         });
+        if stage.includes(Stage::Mqtt)
+            && let Some(credentials) = BrokerCredentials::new(&config.mqtt, registry.clone())
+        {
+            // Before any endpoint opens: every registered device can log in to the broker.
+            credentials
+                .write()
+                .context("writing the MQTT broker's password file")?;
+            tasks.spawn(async move {
+                credentials.run(Duration::from_secs(1)).await?;
+                Ok("broker credentials")
+            });
+        }
         let producer = Arc::new(RawProducer::new(&config.kafka, "tributary-ingest")?);
         if stage.includes(Stage::Http) {
             let writer = Arc::new(RegistryWriter::new(&config.kafka, registry.clone())?);
@@ -100,24 +119,11 @@ pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
         });
     }
     if stage.includes(Stage::Lake) {
-        let telemetry = Arc::new(DeltaSink::<Reading>::new(
-            config.kafka.clone(),
-            config.lake.clone(),
-            config.kafka.topics.telemetry.clone(),
-        ));
-        supervise(&mut tasks, "lake-telemetry", move || {
-            let sink = telemetry.clone();
-            async move { Ok(sink.run().await?) }
-        });
-        let deadletter = Arc::new(DeltaSink::<DeadLetter>::new(
-            config.kafka.clone(),
-            config.lake.clone(),
-            config.kafka.topics.deadletter.clone(),
-        ));
-        supervise(&mut tasks, "lake-deadletter", move || {
-            let sink = deadletter.clone();
-            async move { Ok(sink.run().await?) }
-        });
+        let topics = &config.kafka.topics;
+        spawn_sink::<Reading>(&mut tasks, &config, &topics.telemetry, "lake-telemetry");
+        spawn_sink::<DeadLetter>(&mut tasks, &config, &topics.deadletter, "lake-deadletter");
+        spawn_sink::<DeviceState>(&mut tasks, &config, &topics.registry, "lake-devices");
+        spawn_sink::<UsageEvent>(&mut tasks, &config, &topics.raw, "lake-usage");
     }
     tokio::select! {
         done = tasks.join_next() => {
@@ -134,6 +140,24 @@ pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A supervised Delta sink draining `topic` into `R`'s table.
+fn spawn_sink<R: LakeRow>(
+    tasks: &mut JoinSet<anyhow::Result<&'static str>>,
+    config: &Config,
+    topic: &str,
+    name: &'static str,
+) {
+    let sink = Arc::new(DeltaSink::<R>::new(
+        config.kafka.clone(),
+        config.lake.clone(),
+        topic.to_owned(),
+    ));
+    supervise(tasks, name, move || {
+        let sink = sink.clone();
+        async move { Ok(sink.run().await?) }
+    });
 }
 
 /// Runs a stage; when it fails (Kafka gone, storage error, …) logs why and starts it again after a

@@ -51,5 +51,7 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
     assert_eq!(stack.duplicate_readings(), 0);
     let dead_dups = stack.sql("SELECT count(*) AS n FROM (SELECT source_partition, source_offset, source_index FROM deadletter GROUP BY 1,2,3 HAVING count(*) > 1)");
     assert_eq!(dead_dups[0]["n"], 0);
+    // Metering added each raw event exactly once, across both kills.
+    stack.assert_usage_matches_raw(Duration::from_secs(60));
     kill(&mut pipeline);
 }

@@ -7,11 +7,24 @@ mod support;
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use support::{ADMIN_TOKEN, Stack, kill};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use support::{ADMIN_TOKEN, Stack, kill, try_mqtt_publish};
+
+/// Whether `check` holds within 15 s (the broker reloads its users within a couple of seconds).
+fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    false
+}
 
 struct Api {
     rt: tokio::runtime::Runtime,
@@ -232,11 +245,35 @@ fn registry_api_cli_self_registration_and_rebuild_from_the_topic() {
         200
     );
     assert_eq!(api.send(&new_token, "m1-d"), 403);
+    // The broker learns it too: MQTT with the same token is refused while disabled.
+    let mqtt = |token: &str, id: &str| {
+        // Only "m1-mqtt" counts as a flow reading; probes that may slip through meanwhile do not.
+        let metric = if id == "m1-mqtt" { "flow" } else { "probe" };
+        let payload = json!({"id": id, "metrics": {metric: 2.0}}).to_string();
+        try_mqtt_publish(
+            stack.mqtt_port,
+            "meter-1",
+            token,
+            "devices/meter-1/telemetry",
+            &[payload],
+        )
+    };
+    assert!(
+        eventually(|| mqtt(&new_token, "m1-mqtt-off").is_err()),
+        "a disabled device cannot log in to the broker"
+    );
     api.admin(
         "PATCH",
         "/v1/devices/meter-1",
         Some(json!({"enabled": true})),
     );
+    // An API-created device publishes over MQTT with its token (the pipeline keeps Mosquitto's
+    // password file in step with the registry); the rotated-out token is refused by the broker.
+    assert!(
+        eventually(|| mqtt(&new_token, "m1-mqtt") == Ok(vec![PubAckReason::Success])),
+        "the API-created device publishes over MQTT"
+    );
+    assert!(mqtt(&token, "m1-mqtt-old").is_err(), "rotated-out token");
 
     // 10 000 devices from a recipe, spread over a site layout, all publishing at once.
     let (s, bulk) = api.admin(
@@ -371,5 +408,49 @@ fn registry_api_cli_self_registration_and_rebuild_from_the_topic() {
             json!({"tenant": "tenant-3", "n": 10001})
         ]
     );
+
+    // The `devices` table is the registry as it is now: every device once, deleted ones gone,
+    // the latest owner, tags, site and group, joinable with telemetry.
+    let registered = |tenant: &str| {
+        let (_, groups) = api.admin("GET", &format!("/v1/groups?tenant={tenant}"), None);
+        groups["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["devices"].as_u64().unwrap())
+            .sum::<u64>()
+    };
+    let expected = json!([
+        {"tenant": "tenant-1", "n": registered("tenant-1")},
+        {"tenant": "tenant-2", "n": registered("tenant-2")},
+        {"tenant": "tenant-3", "n": registered("tenant-3")},
+    ]);
+    let per_tenant = || {
+        json!(stack.sql("SELECT tenant, count(*) AS n FROM devices GROUP BY tenant ORDER BY tenant"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while per_tenant() != expected && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(per_tenant(), expected);
+    let meter = stack.sql(
+        "SELECT device_group, model, subject, array_length(subject_history) AS owners, \
+         tags['floor'] AS floor, site[3] AS spot, enabled FROM devices WHERE device = 'meter-1'",
+    );
+    assert_eq!(
+        meter,
+        vec![json!({"device_group": "acme-water", "model": "wm-3", "subject": "person-18",
+            "owners": 2, "floor": "2", "spot": "spot-4", "enabled": true})]
+    );
+    let flows = stack.sql("SELECT count(*) AS n FROM telemetry WHERE device = 'meter-1' AND metric = 'flow'");
+    assert_eq!(flows[0]["n"], 1, "the MQTT reading landed once; the refused ones never");
+    let gone = stack.sql("SELECT count(*) AS n FROM devices WHERE device = 'fleet-00002'");
+    assert_eq!(gone[0]["n"], 0);
+    let joined = stack.sql(
+        "SELECT d.device_group, count(*) AS n FROM telemetry t JOIN devices d \
+         ON t.tenant = d.tenant AND t.device = d.device \
+         WHERE t.metric = 'level' AND d.device_group = 'fleet' GROUP BY 1",
+    );
+    assert_eq!(joined, vec![json!({"device_group": "fleet", "n": 10000})], "fleet-00002 is gone");
     kill(&mut pipeline);
 }

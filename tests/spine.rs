@@ -4,11 +4,9 @@ mod support;
 
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
-use rumqttc::v5::{Client, Event, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use serde_json::{Value, json};
-use support::{Stack, kill, summary};
+use support::{Stack, kill, mqtt_publish, summary};
 
 fn post(url: &str, token: &str, content_type: &str, body: &str) -> (u16, Value) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -27,39 +25,6 @@ fn post(url: &str, token: &str, content_type: &str, body: &str) -> (u16, Value) 
         let status = r.status().as_u16();
         (status, r.json::<Value>().await.unwrap_or(Value::Null))
     })
-}
-
-/// Publishes QoS 1 messages as one MQTT user, waits for every PUBACK and returns their reason codes.
-fn mqtt_publish(
-    port: u16,
-    user: &str,
-    password: &str,
-    topic: &str,
-    payloads: &[String],
-) -> Vec<PubAckReason> {
-    let mut opts = MqttOptions::new(format!("test-{user}"), "127.0.0.1", port);
-    opts.set_credentials(user, password);
-    let (client, mut conn) = Client::new(opts, 100);
-    for p in payloads {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, p.clone().into_bytes())
-            .unwrap();
-    }
-    let mut acks = Vec::new();
-    for event in conn.iter() {
-        match event {
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                acks.push(ack.reason);
-                if acks.len() == payloads.len() {
-                    break;
-                }
-            }
-            Ok(_) => {}
-            Err(e) => panic!("mqtt error for {user}: {e}"),
-        }
-    }
-    client.disconnect().ok();
-    acks
 }
 
 #[test]
@@ -246,6 +211,12 @@ fn devices_to_sql_end_to_end() {
         ));
         assert_eq!(n[0]["n"], 0, "{table}");
     }
+
+    // Usage metering: every raw event and its bytes, per tenant and device (unknown devices: null
+    // tenant), by the hour it was received.
+    stack.assert_usage_matches_raw(Duration::from_secs(60));
+    let hours = stack.sql("SELECT count(*) AS n FROM usage WHERE hour <> date_trunc('hour', hour)");
+    assert_eq!(hours[0]["n"], 0, "hours start on the hour");
 
     // CSV output works too.
     let csv = stack.ok(&[

@@ -26,10 +26,10 @@ cleanup() {
   deploy/local/stack.sh down
 }
 trap cleanup EXIT
-# Kafka first: devices are recorded on its `registry` topic, and Mosquitto needs their tokens.
+# Kafka first: devices are recorded on its `registry` topic; the pipeline gives Mosquitto their tokens.
 deploy/local/stack.sh up tansu
 "$bin" topics create
-"$bin" devices seed --count 50 --tenants 3 --mosquitto-passwd "$STACK_DIR/mqtt-users.plain"
+"$bin" devices seed --count 50 --tenants 3
 deploy/local/stack.sh up mosquitto victoria-metrics
 eval "$(deploy/local/stack.sh env)"
 # The admin API's token for this run (`tributary devices list` uses it).

@@ -13,9 +13,9 @@
 #   KAFKA_STORAGE [memory://tansu/]  or sqlite://tansu.db (durable; relative to STACK_DIR)
 #   STACK_VM [1]               0 to skip VictoriaMetrics
 #   MQTT_TOPIC_PATTERN [devices/%u/telemetry]   the ACL pattern devices may publish to
-# Device credentials: lines `device:token` in $STACK_DIR/mqtt-users.plain (see
-# `tributary devices seed --mosquitto-passwd`). The bridge's password is generated into
-# $STACK_DIR/mqtt-bridge.secret (mode 0600) and exported by `eval "$(stack.sh env)"`.
+# MQTT users: the bridge (password generated into $STACK_DIR/mqtt-bridge.secret, mode 0600, exported
+# by `eval "$(stack.sh env)"`) and optional extra `user:password` lines in $STACK_DIR/mqtt-users.plain
+# make the static password file; a running pipeline adds every registered device (mqtt.password_file).
 set -euo pipefail
 
 STACK_DIR=${STACK_DIR:-./data/local}
@@ -64,11 +64,14 @@ mqtt_config() {
   local secret="$STACK_DIR/mqtt-bridge.secret"
   umask 077
   [ -s "$secret" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$secret"
+  # Static users (the bridge, and any `user:password` lines of mqtt-users.plain); the pipeline adds
+  # every registered device to the live file (mqtt.password_file) and signals Mosquitto.
   {
     echo "tributary-bridge:$(cat "$secret")"
-    [ -f "$STACK_DIR/mqtt-users.plain" ] && cat "$STACK_DIR/mqtt-users.plain"
-  } >"$STACK_DIR/mosquitto.passwd"
-  mosquitto_passwd -U "$STACK_DIR/mosquitto.passwd"
+    if [ -f "$STACK_DIR/mqtt-users.plain" ]; then cat "$STACK_DIR/mqtt-users.plain"; fi
+  } >"$STACK_DIR/mosquitto.static.passwd"
+  mosquitto_passwd -U "$STACK_DIR/mosquitto.static.passwd"
+  cp "$STACK_DIR/mosquitto.static.passwd" "$STACK_DIR/mosquitto.passwd"
   cat >"$STACK_DIR/mosquitto.acl" <<ACL
 user tributary-bridge
 topic read ${MQTT_TOPIC_PATTERN//%u/+}
@@ -144,6 +147,10 @@ case "$ACTION" in
     echo "export TRIBUTARY_KAFKA__BROKERS=127.0.0.1:$KAFKA_PORT"
     echo "export TRIBUTARY_MQTT__PORT=$MQTT_PORT"
     echo "export TRIBUTARY_MQTT__PASSWORD=$(cat "$STACK_DIR/mqtt-bridge.secret")"
+    # The pipeline keeps Mosquitto's password file in step with the device registry.
+    echo "export TRIBUTARY_MQTT__PASSWORD_FILE=$STACK_DIR/mosquitto.passwd"
+    echo "export TRIBUTARY_MQTT__STATIC_PASSWORD_FILE=$STACK_DIR/mosquitto.static.passwd"
+    echo "export TRIBUTARY_MQTT__BROKER_PID_FILE=$STACK_DIR/mosquitto.pid"
     ;;
   *)
     echo "usage: $0 up|down|status|pause|resume|env [service...]" >&2

@@ -5,8 +5,12 @@
 //! is acknowledged only after Kafka acknowledged its event. Payloads are split into messages and
 //! enveloped, never changed or interpreted (that is the cleanse stage's job).
 //!
+//! It also keeps the MQTT broker's password file in step with the registry
+//! ([`broker_credentials::BrokerCredentials`]), so a device created by the API can publish at once.
+//!
 //! It must not touch: any topic other than `raw`, the lake, or the meaning of a payload's values.
 
+pub mod broker_credentials;
 pub mod http;
 pub mod mqtt;
 pub mod producer;
@@ -28,4 +32,9 @@ pub enum IngestError {
     Serve(std::io::Error),
     #[error("mqtt: {0}")]
     Mqtt(String),
+    #[error("broker password file {path}: {source}")]
+    PasswordFile {
+        path: String,
+        source: std::io::Error,
+    },
 }

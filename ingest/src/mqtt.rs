@@ -37,6 +37,13 @@ pub struct MqttConfig {
     pub session_expiry_secs: u32,
     /// Most unacknowledged messages the broker sends at once.
     pub receive_maximum: u16,
+    /// Mosquitto's password file, kept equal to `static_password_file` plus every enabled device of
+    /// the registry that has a token (see [`crate::broker_credentials`]). Unset: not managed.
+    pub password_file: Option<std::path::PathBuf>,
+    /// Users the broker always knows (the bridge itself, …), in password-file format.
+    pub static_password_file: Option<std::path::PathBuf>,
+    /// Mosquitto's pid file: it gets SIGHUP after each rewrite, which makes it reload the file.
+    pub broker_pid_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for MqttConfig {
@@ -49,6 +56,7 @@ impl std::fmt::Debug for MqttConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("topic_pattern", &self.topic_pattern)
             .field("share_group", &self.share_group)
+            .field("password_file", &self.password_file)
             .finish_non_exhaustive()
     }
 }
@@ -65,6 +73,9 @@ impl Default for MqttConfig {
             share_group: "tributary".into(),
             session_expiry_secs: 3600,
             receive_maximum: 1000,
+            password_file: None,
+            static_password_file: None,
+            broker_pid_file: None,
         }
     }
 }

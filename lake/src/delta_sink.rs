@@ -14,7 +14,9 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::time::{Duration, Instant};
 
-use deltalake::DeltaTable;
+use arrow::array::RecordBatch;
+use deltalake::datafusion::prelude::SessionContext;
+use deltalake::{DeltaTable, DeltaTableError};
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
@@ -22,16 +24,92 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use tributary_schemas::avro::{self, decode};
+use tributary_schemas::avro::{self, TopicRecord, decode};
 use tributary_schemas::kafka::{KafkaConfig, PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 use tributary_schemas::{DeadLetter, now_micros};
 
-use crate::tables::{LakeRow, PARTITION_COLUMNS};
+use crate::tables::{LakeRow, TableWrite};
 use crate::{LakeConfig, LakeError};
 
 /// Packs a source position into one `txn` version: offset × 2¹⁶ + index.
 pub fn source_seq(offset: i64, index: i32) -> i64 {
     (offset << 16) | i64::from(index.clamp(0, 0xFFFF))
+}
+
+/// Writes `batch` the way `R`'s table takes rows, with `txns` in the same commit.
+async fn write<R: LakeRow>(
+    table: DeltaTable,
+    batch: RecordBatch,
+    txns: Vec<Transaction>,
+) -> Result<DeltaTable, DeltaTableError> {
+    let commit = CommitProperties::default().with_application_transactions(txns);
+    let spec = match R::WRITE {
+        TableWrite::Append => {
+            return table
+                .write(vec![batch])
+                .with_save_mode(SaveMode::Append)
+                .with_partition_columns(R::PARTITION_COLUMNS.iter().copied())
+                .with_commit_properties(commit)
+                .await;
+        }
+        TableWrite::Merge(spec) => spec,
+    };
+    let table = if table.version().is_none() {
+        // MERGE needs a table: create it empty, with its schema and partitioning.
+        table
+            .write(vec![RecordBatch::new_empty(R::arrow_schema())])
+            .with_save_mode(SaveMode::Append)
+            .with_partition_columns(R::PARTITION_COLUMNS.iter().copied())
+            .await?
+    } else {
+        table
+    };
+    let columns: Vec<String> = R::arrow_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let source = SessionContext::new().read_batch(batch)?;
+    let mut merge = table
+        .merge(source, spec.on)
+        .with_source_alias("source")
+        .with_target_alias("target")
+        .with_commit_properties(commit);
+    if let Some(when) = spec.delete_when {
+        merge = merge.when_matched_delete(|d| d.predicate(when))?;
+    }
+    merge = merge.when_matched_update(|mut u| {
+        match spec.update {
+            Some(sets) => {
+                for (column, value) in sets {
+                    u = u.update(*column, *value);
+                }
+            }
+            None => {
+                for c in &columns {
+                    u = u.update(c.as_str(), format!("source.{c}"));
+                }
+            }
+        }
+        u
+    })?;
+    merge = merge.when_not_matched_insert(|mut i| {
+        for c in &columns {
+            i = i.set(c.as_str(), format!("source.{c}"));
+        }
+        match spec.insert_when {
+            Some(when) => i.predicate(when),
+            None => i,
+        }
+    })?;
+    let (table, metrics) = merge.await?;
+    tracing::debug!(
+        inserted = metrics.num_target_rows_inserted,
+        updated = metrics.num_target_rows_updated,
+        deleted = metrics.num_target_rows_deleted,
+        "merge"
+    );
+    Ok(table)
 }
 
 /// Opens a table at `url`, or a handle on the empty location when no table is there yet.
@@ -181,16 +259,31 @@ impl<R: LakeRow> DeltaSink<R> {
                         tracing::debug!(partition = p, expected = next, got = offset, "offset gap");
                     }
                     state.next = Some(offset + 1);
-                    let payload = msg.payload().unwrap_or_default();
-                    let row = match decode::<R>(payload) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            self.dead_letter(&producer, p, offset, payload, &e.to_string())
-                                .await?;
-                            continue;
-                        }
+                    let row = match msg.payload() {
+                        Some(payload) => match decode::<R::Record>(payload) {
+                            Ok(record) => R::from_record(record),
+                            Err(e) => {
+                                self.dead_letter(&producer, p, offset, payload, &e.to_string())
+                                    .await?;
+                                continue;
+                            }
+                        },
+                        None => match R::from_tombstone(msg.key().unwrap_or_default()) {
+                            Some(row) => row,
+                            None => {
+                                let reason = "a tombstone (null value), which this table does not take";
+                                self.dead_letter(&producer, p, offset, &[], reason).await?;
+                                continue;
+                            }
+                        },
                     };
-                    let prov = row.provenance();
+                    let Some(prov) = row.provenance() else {
+                        // The consumed record is the source: its offset, checked above, is enough.
+                        rows.push(row);
+                        row_parts.push(p);
+                        oldest.get_or_insert_with(Instant::now);
+                        continue;
+                    };
                     let key = (prov.topic.clone(), prov.partition);
                     let hwm = match sources.get(&key) {
                         Some(h) => *h,
@@ -242,15 +335,7 @@ impl<R: LakeRow> DeltaSink<R> {
             let batch = R::to_batch(&rows)?;
             let count = batch.num_rows();
             let started = Instant::now();
-            let result = table
-                .clone()
-                .write(vec![batch])
-                .with_save_mode(SaveMode::Append)
-                .with_partition_columns(PARTITION_COLUMNS)
-                .with_commit_properties(
-                    CommitProperties::default().with_application_transactions(txns),
-                )
-                .await;
+            let result = write::<R>(table.clone(), batch, txns).await;
             match result {
                 Ok(t) => {
                     table = t;
@@ -337,7 +422,7 @@ impl<R: LakeRow> DeltaSink<R> {
             stage: self.stage(),
             rule: "bad_record".into(),
             field: None,
-            reason: format!("not a {} record: {reason}", R::NAME),
+            reason: format!("not a {} record: {reason}", R::Record::NAME),
             source_topic: self.topic.clone(),
             source_partition: partition,
             source_offset: offset,
@@ -360,6 +445,110 @@ impl<R: LakeRow> DeltaSink<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tables::devices::DeviceState;
+    use crate::tables::usage::UsageEvent;
+    use deltalake::datafusion::prelude::SessionContext;
+    use tributary_schemas::registry::{Device, RegistryChange, RegistryEvent};
+    use tributary_schemas::{RawEnvelope, Source};
+
+    async fn query(table: &DeltaTable, sql: &str) -> Vec<String> {
+        let ctx = SessionContext::new();
+        table.update_datafusion_session(&ctx.state()).unwrap();
+        ctx.register_table("t", table.table_provider().await.unwrap())
+            .unwrap();
+        let batches = ctx.sql(sql).await.unwrap().collect().await.unwrap();
+        let text = arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    fn raw(tenant: &str, device: &str, bytes: usize) -> UsageEvent {
+        UsageEvent::from_record(RawEnvelope {
+            event_id: "e".into(),
+            tenant: tenant.into(),
+            device: device.into(),
+            source: Source::Mqtt,
+            received_at: 1_795_392_000_000_000,
+            content_type: "application/json".into(),
+            payload: vec![b'x'; bytes],
+            subject: None,
+            encryption_key_id: None,
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn usage_merges_add_up_and_record_their_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = LakeConfig {
+            url: dir.path().display().to_string(),
+            ..Default::default()
+        };
+        let table = open_table(&lake, "usage").await.unwrap();
+        let first = vec![raw("t1", "d1", 10), raw("t1", "d1", 5), raw("", "ghost", 7)];
+        let batch = UsageEvent::to_batch(&first).unwrap();
+        let txn = vec![Transaction::new("app/raw/0", 3)];
+        let table = write::<UsageEvent>(table, batch, txn).await.unwrap();
+        let second = vec![raw("t1", "d1", 1), raw("", "ghost", 1), raw("t2", "d9", 2)];
+        let batch = UsageEvent::to_batch(&second).unwrap();
+        let txn = vec![Transaction::new("app/raw/0", 6)];
+        let table = write::<UsageEvent>(table, batch, txn).await.unwrap();
+        assert_eq!(txn_version(&table, "app/raw/0").await.unwrap(), Some(6));
+        let rows = query(
+            &table,
+            "SELECT tenant, device, events, bytes FROM t ORDER BY device",
+        )
+        .await;
+        assert_eq!(
+            rows[3..6],
+            [
+                "| t1     | d1     | 3      | 16    |",
+                "| t2     | d9     | 1      | 2     |",
+                "|        | ghost  | 2      | 8     |",
+            ]
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn device_merges_upsert_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let lake = LakeConfig {
+            url: dir.path().display().to_string(),
+            ..Default::default()
+        };
+        let event = |id: &str, change: RegistryChange, model: &str| {
+            let mut d = Device::new(id, "t1", 1);
+            d.model = Some(model.into());
+            DeviceState::from_record(RegistryEvent {
+                device: id.into(),
+                tenant: "t1".into(),
+                change,
+                at: 1,
+                actor: "test".into(),
+                state: Some(d),
+            })
+        };
+        let table = open_table(&lake, "devices").await.unwrap();
+        let batch = DeviceState::to_batch(&[
+            event("a", RegistryChange::Created, "m1"),
+            event("b", RegistryChange::Created, "m1"),
+        ])
+        .unwrap();
+        let table = write::<DeviceState>(table, batch, vec![]).await.unwrap();
+        let batch = DeviceState::to_batch(&[
+            event("a", RegistryChange::Updated, "m2"),
+            event("b", RegistryChange::Deleted, ""),
+            event("c", RegistryChange::Created, "m3"),
+        ])
+        .unwrap();
+        let table = write::<DeviceState>(table, batch, vec![]).await.unwrap();
+        let rows = query(&table, "SELECT device, model FROM t ORDER BY device").await;
+        assert_eq!(
+            rows[3..5],
+            ["| a      | m2    |", "| c      | m3    |"]
+        );
+        assert_eq!(rows.len(), 6, "{rows:#?}");
+    }
 
     #[test]
     fn source_positions_order_like_offsets_then_index() {

@@ -31,7 +31,7 @@ use tributary_schemas::registry::{
     Device, DeviceRegistry, RegistryChange, RegistryEvent, token_hash,
 };
 
-use crate::new_token;
+use crate::issue_token;
 use crate::writer::RegistryWriter;
 
 /// Most devices one bulk request may create.
@@ -214,6 +214,7 @@ fn view(d: &Device) -> Value {
     let mut v = serde_json::to_value(d).unwrap_or(Value::Null);
     if let Value::Object(m) = &mut v {
         m.remove("token_sha256");
+        m.remove("mqtt_password_hash");
         m.insert(
             "credential".into(),
             json!(if d.token_sha256.is_some() {
@@ -272,7 +273,6 @@ pub struct Attributes {
 
 impl Attributes {
     fn device(&self, id: &str, tenant: &str, at: i64) -> (Device, String) {
-        let token = new_token();
         let mut d = Device::new(id, tenant, at);
         d.group = self.group.clone();
         d.model = self.model.clone();
@@ -280,7 +280,7 @@ impl Attributes {
         d.metrics = self.metrics.clone();
         d.site = self.site.clone();
         d.enabled = self.enabled.unwrap_or(true);
-        d.token_sha256 = Some(token_hash(&token));
+        let token = issue_token(&mut d);
         d.set_subject(self.subject.clone(), at);
         (d, token)
     }
@@ -556,10 +556,7 @@ async fn update(
     if let Some(v) = patch.subject {
         d.set_subject(v, at);
     }
-    let token = patch.rotate_token.then(new_token);
-    if let Some(t) = &token {
-        d.token_sha256 = Some(token_hash(t));
-    }
+    let token = patch.rotate_token.then(|| issue_token(&mut d));
     d.updated_at = at;
     let mut body = json!({ "device": view(&d) });
     if let Some(t) = token {

@@ -21,6 +21,9 @@ use crate::RegistryError;
 /// partition's high watermark can sit past its last readable record).
 const IDLE_CATCH_UP: Duration = Duration::from_secs(5);
 
+/// After the watermarks: how long without a record before the view counts as whole.
+const TAIL_SETTLE: Duration = Duration::from_millis(300);
+
 /// Loads the whole registry into `view`, then follows the topic in a background task. Returns
 /// once the view holds every device the topic held at the start.
 pub async fn follow(
@@ -76,6 +79,12 @@ pub async fn follow(
                 break;
             }
         }
+    }
+    // Tansu 0.6 reports a high watermark inside the last record batch; that batch's later records
+    // are served all the same. Take what follows at once, so the view is whole before serving.
+    while let Ok(Ok(m)) = tokio::time::timeout(TAIL_SETTLE, consumer.recv()).await {
+        apply(&view, &m);
+        applied += 1;
     }
     tracing::info!(
         devices = view.len(),

@@ -17,6 +17,7 @@ pub mod writer;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use tributary_schemas::registry::{Device, token_hash};
 
 /// `[registry]` in the config file.
 #[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,10 +53,63 @@ pub enum RegistryError {
     NoTopic(String),
 }
 
+/// Gives `device` a new secret token and returns it (to be shown once): the device keeps only its
+/// SHA-256 (for HTTP) and its Mosquitto hash (so the MQTT broker takes the same token as password).
+pub fn issue_token(device: &mut Device) -> String {
+    let token = new_token();
+    device.token_sha256 = Some(token_hash(&token));
+    device.mqtt_password_hash = Some(mosquitto_hash(&token));
+    token
+}
+
+/// Mosquitto's password-file hash of `password`: `$7$<iterations>$<salt>$<hash>`, PBKDF2-HMAC-SHA512
+/// with a 12-byte random salt and 101 iterations, base64 — what `mosquitto_passwd` writes.
+pub fn mosquitto_hash(password: &str) -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    const ITERATIONS: u32 = 101;
+    let mut salt = [0u8; 12];
+    rand::rng().fill_bytes(&mut salt);
+    let mut hash = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<sha2::Sha512>(password.as_bytes(), &salt, ITERATIONS, &mut hash);
+    let b64 = base64::engine::general_purpose::STANDARD;
+    format!("$7${ITERATIONS}${}${}", b64.encode(salt), b64.encode(hash))
+}
+
 /// A new secret token: 24 random bytes, hex.
-pub fn new_token() -> String {
+fn new_token() -> String {
     use rand::RngCore;
     let mut raw = [0u8; 24];
     rand::rng().fill_bytes(&mut raw);
     hex::encode(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mosquitto_hashes_are_salted_pbkdf2_sha512() {
+        let a = mosquitto_hash("s3cret");
+        let b = mosquitto_hash("s3cret");
+        assert_ne!(a, b, "a fresh salt each time");
+        let parts: Vec<&str> = a.split('$').collect();
+        assert_eq!(&parts[..3], ["", "7", "101"]);
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let salt = b64.decode(parts[3]).unwrap();
+        let hash = b64.decode(parts[4]).unwrap();
+        assert_eq!((salt.len(), hash.len()), (12, 64));
+        let mut again = [0u8; 64];
+        pbkdf2::pbkdf2_hmac::<sha2::Sha512>(b"s3cret", &salt, 101, &mut again);
+        assert_eq!(hash, again);
+    }
+
+    #[test]
+    fn issued_tokens_set_both_hashes() {
+        let mut d = Device::new("d1", "t1", 0);
+        let token = issue_token(&mut d);
+        assert_eq!(d.token_sha256, Some(token_hash(&token)));
+        assert!(d.mqtt_password_hash.as_deref().unwrap().starts_with("$7$101$"));
+    }
 }

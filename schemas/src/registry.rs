@@ -6,6 +6,7 @@
 //! Tokens are never stored: only their SHA-256, hex-encoded.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,9 @@ pub struct Device {
     pub subject_history: Vec<SubjectSpan>,
     pub created_at: Micros,
     pub updated_at: Micros,
+    /// The token hashed for Mosquitto's password file (`$7$…`), so the MQTT broker accepts the same
+    /// token as the device's password; `None` for devices without a token.
+    pub mqtt_password_hash: Option<String>,
 }
 
 /// From `since` on, `subject` owned the device (`None`: nobody known).
@@ -116,6 +120,9 @@ pub fn token_hash(token: &str) -> String {
 #[derive(Debug, Default)]
 pub struct DeviceRegistry {
     index: RwLock<Index>,
+    /// Bumped by every change, so followers of the view (e.g. the broker's password file) can tell
+    /// it changed without diffing it.
+    generation: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -149,6 +156,11 @@ impl DeviceRegistry {
         self.index.write().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A number that changes whenever the view does.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Adds or replaces a device.
     pub fn put(&self, device: Device) {
         let mut index = self.write();
@@ -161,6 +173,8 @@ impl DeviceRegistry {
             index.by_token.insert(h.clone(), device.id.clone());
         }
         index.by_id.insert(device.id.clone(), Arc::new(device));
+        drop(index);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Removes a device.
@@ -171,6 +185,8 @@ impl DeviceRegistry {
         {
             index.by_token.remove(h);
         }
+        drop(index);
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Applies one event of the `registry` topic.

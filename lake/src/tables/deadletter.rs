@@ -1,0 +1,78 @@
+//! Table `deadletter`: one row per rejected input with the stage, rule, field and reason, and the
+//! original bytes; appended, partitioned by tenant and the UTC day it was received. Drained from
+//! topic `deadletter` (Avro `DeadLetter`).
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{BinaryBuilder, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use tributary_schemas::DeadLetter;
+use tributary_schemas::avro::{Derived, Provenance};
+
+use super::{LakeRow, TableWrite, days, i32s, i64s, non_empty, strings, timestamps, ts};
+
+impl LakeRow for DeadLetter {
+    type Record = DeadLetter;
+    const TABLE: &'static str = "deadletter";
+    const PARTITION_COLUMNS: &'static [&'static str] = &["tenant", "day"];
+    const WRITE: TableWrite = TableWrite::Append;
+
+    fn from_record(record: DeadLetter) -> Self {
+        record
+    }
+
+    fn provenance(&self) -> Option<Provenance> {
+        Some(Derived::provenance(self))
+    }
+
+
+    fn arrow_schema() -> SchemaRef {
+        static S: LazyLock<SchemaRef> = LazyLock::new(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("tenant", DataType::Utf8, true),
+                Field::new("device", DataType::Utf8, true),
+                Field::new("event_id", DataType::Utf8, true),
+                Field::new("stage", DataType::Utf8, false),
+                Field::new("rule", DataType::Utf8, false),
+                Field::new("field", DataType::Utf8, true),
+                Field::new("reason", DataType::Utf8, false),
+                Field::new("source_topic", DataType::Utf8, false),
+                Field::new("source_partition", DataType::Int32, false),
+                Field::new("source_offset", DataType::Int64, false),
+                Field::new("source_index", DataType::Int32, false),
+                Field::new("received_at", ts(), false),
+                Field::new("original", DataType::Binary, false),
+                Field::new("day", DataType::Date32, false),
+            ]))
+        });
+        S.clone()
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let mut original = BinaryBuilder::new();
+        for r in rows {
+            original.append_value(&r.original);
+        }
+        RecordBatch::try_new(
+            Self::arrow_schema(),
+            vec![
+                // Unknown tenant or device: null (an empty partition value would read back as null anyway).
+                strings(rows.iter().map(|r| non_empty(&r.tenant))),
+                strings(rows.iter().map(|r| non_empty(&r.device))),
+                strings(rows.iter().map(|r| r.event_id.as_deref())),
+                strings(rows.iter().map(|r| Some(r.stage.as_str()))),
+                strings(rows.iter().map(|r| Some(r.rule.as_str()))),
+                strings(rows.iter().map(|r| r.field.as_deref())),
+                strings(rows.iter().map(|r| Some(r.reason.as_str()))),
+                strings(rows.iter().map(|r| Some(r.source_topic.as_str()))),
+                i32s(rows.iter().map(|r| r.source_partition)),
+                i64s(rows.iter().map(|r| r.source_offset)),
+                i32s(rows.iter().map(|r| r.source_index)),
+                timestamps(rows.iter().map(|r| r.received_at)),
+                Arc::new(original.finish()),
+                days(rows.iter().map(|r| r.received_at)),
+            ],
+        )
+    }
+}
+

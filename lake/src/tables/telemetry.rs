@@ -1,0 +1,74 @@
+//! Table `telemetry`: one row per clean reading, appended, partitioned by tenant and the UTC day of
+//! its event time. Drained from topic `telemetry` (Avro `Reading`).
+
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{Float64Builder, RecordBatch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use tributary_schemas::Reading;
+use tributary_schemas::avro::{Derived, Provenance};
+
+use super::{LakeRow, TableWrite, days, i32s, i64s, strings, timestamps, ts};
+
+impl LakeRow for Reading {
+    type Record = Reading;
+    const TABLE: &'static str = "telemetry";
+    const PARTITION_COLUMNS: &'static [&'static str] = &["tenant", "day"];
+    const WRITE: TableWrite = TableWrite::Append;
+
+    fn from_record(record: Reading) -> Self {
+        record
+    }
+
+    fn provenance(&self) -> Option<Provenance> {
+        Some(Derived::provenance(self))
+    }
+
+
+    fn arrow_schema() -> SchemaRef {
+        static S: LazyLock<SchemaRef> = LazyLock::new(|| {
+            Arc::new(Schema::new(vec![
+                Field::new("tenant", DataType::Utf8, false),
+                Field::new("device", DataType::Utf8, false),
+                Field::new("metric", DataType::Utf8, false),
+                Field::new("value", DataType::Float64, false),
+                Field::new("unit", DataType::Utf8, true),
+                Field::new("event_time", ts(), false),
+                Field::new("ingest_time", ts(), false),
+                Field::new("event_id", DataType::Utf8, false),
+                Field::new("source_topic", DataType::Utf8, false),
+                Field::new("source_partition", DataType::Int32, false),
+                Field::new("source_offset", DataType::Int64, false),
+                Field::new("source_index", DataType::Int32, false),
+                Field::new("day", DataType::Date32, false),
+            ]))
+        });
+        S.clone()
+    }
+
+    fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError> {
+        let mut value = Float64Builder::with_capacity(rows.len());
+        for r in rows {
+            value.append_value(r.value);
+        }
+        RecordBatch::try_new(
+            Self::arrow_schema(),
+            vec![
+                strings(rows.iter().map(|r| Some(r.tenant.as_str()))),
+                strings(rows.iter().map(|r| Some(r.device.as_str()))),
+                strings(rows.iter().map(|r| Some(r.metric.as_str()))),
+                Arc::new(value.finish()),
+                strings(rows.iter().map(|r| r.unit.as_deref())),
+                timestamps(rows.iter().map(|r| r.event_time)),
+                timestamps(rows.iter().map(|r| r.ingest_time)),
+                strings(rows.iter().map(|r| Some(r.event_id.as_str()))),
+                strings(rows.iter().map(|r| Some(r.source_topic.as_str()))),
+                i32s(rows.iter().map(|r| r.source_partition)),
+                i64s(rows.iter().map(|r| r.source_offset)),
+                i32s(rows.iter().map(|r| r.source_index)),
+                days(rows.iter().map(|r| r.event_time)),
+            ],
+        )
+    }
+}
+
