@@ -32,12 +32,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the pipeline: every stage in one process, or one stage alone (each stage is its own
-    /// consumer group or endpoint, so it scales out by starting more instances).
+    /// Run the pipeline: every stage in one process, or some stages (each stage is its own
+    /// consumer group or endpoint, so it scales out by starting more instances), e.g.
+    /// `run http mqtt` for the ingest tier and `run cleanse lake` for processing.
     Run {
-        /// The stage to run; all of them when omitted.
-        #[arg(value_enum, default_value_t = pipeline::Stage::All)]
-        stage: pipeline::Stage,
+        /// The stages to run; all of them when omitted.
+        #[arg(value_enum)]
+        stages: Vec<pipeline::Stage>,
     },
     /// Simulate devices sending telemetry (plausible metrics, a few malformed messages, duplicates),
     /// then print a JSON summary of what was sent and what the lake should hold.
@@ -112,7 +113,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { stage } => pipeline::run(config, stage).await,
+            Command::Run { stages } => pipeline::run(config, &stages).await,
             Command::Simulate(args) => simulator::run(&config, args).await,
             Command::Sql { query, format } => {
                 let engine = tributary_query::SqlEngine::over_lake(&config.lake).await?;

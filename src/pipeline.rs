@@ -50,14 +50,23 @@ pub enum Stage {
     Lake,
 }
 
-impl Stage {
-    fn includes(self, other: Stage) -> bool {
-        self == Stage::All || self == other
+/// The stages one process runs.
+struct Selection(Vec<Stage>);
+
+impl Selection {
+    fn includes(&self, other: Stage) -> bool {
+        self.0.iter().any(|s| *s == Stage::All || *s == other)
     }
 }
 
-pub async fn run(config: Config, stage: Stage) -> anyhow::Result<()> {
-    tracing::info!(?stage, "starting");
+/// Runs `stages` (all of them when empty) until interrupted or one fails for good.
+pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
+    let stage = Selection(if stages.is_empty() {
+        vec![Stage::All]
+    } else {
+        stages.to_vec()
+    });
+    tracing::info!(stages = ?stage.0, "starting");
     let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
     if stage.includes(Stage::Http) || stage.includes(Stage::Mqtt) {
         // Ingest authenticates devices and stamps their tenant: it needs the whole registry first.

@@ -183,15 +183,21 @@ impl Stack {
 
     /// Starts `tributary run` (every stage), logging to `<dir>/pipeline-N.log`.
     pub fn spawn_pipeline(&self, n: usize) -> Child {
-        let log = std::fs::File::create(self.dir.path().join(format!("pipeline-{n}.log"))).unwrap();
-        let child = self
-            .cmd(&["run"])
+        let child = self.spawn_stages(&[], &format!("pipeline-{n}"));
+        self.wait_http();
+        child
+    }
+
+    /// Starts `tributary run <stages…>` logging to `<dir>/<name>.log`; does not wait for it.
+    pub fn spawn_stages(&self, stages: &[&str], name: &str) -> Child {
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let mut args = vec!["run"];
+        args.extend_from_slice(stages);
+        self.cmd(&args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
-        self.wait_http();
-        child
+            .unwrap()
     }
 
     /// Starts the simulator in the background: `messages` messages from 20 devices at `rate` msg/s,
@@ -378,15 +384,20 @@ impl Stack {
     }
 
     /// Dumps the pipeline logs (for a failing assertion's context).
+    /// The last lines of every process log of this test.
     pub fn logs(&self) -> String {
         let mut s = String::new();
-        for n in 0..4 {
-            if let Ok(l) =
-                std::fs::read_to_string(self.dir.path().join(format!("pipeline-{n}.log")))
-            {
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(self.dir.path())
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        logs.sort();
+        for path in logs {
+            if let Ok(l) = std::fs::read_to_string(&path) {
                 let tail: Vec<&str> = l.lines().rev().take(40).collect();
                 s.push_str(&format!(
-                    "--- pipeline-{n}.log (last lines)\n{}\n",
+                    "--- {} (last lines)\n{}\n",
+                    path.display(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 ));
             }
