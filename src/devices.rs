@@ -15,9 +15,7 @@ use serde_json::{Value, json};
 use tributary_registry::issue_token;
 use tributary_registry::writer::RegistryWriter;
 use tributary_schemas::now_micros;
-use tributary_schemas::registry::{
-    Device, DeviceRegistry, RegistryChange, RegistryEvent,
-};
+use tributary_schemas::registry::{Device, DeviceRegistry, RegistryChange, RegistryEvent};
 
 use crate::config::Config;
 

@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use serde_json::{Value, json};
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use serde_json::{Value, json};
 use support::{ADMIN_TOKEN, Stack, kill, try_mqtt_publish};
 
 /// Whether `check` holds within 15 s (the broker reloads its users within a couple of seconds).
@@ -426,7 +426,9 @@ fn registry_api_cli_self_registration_and_rebuild_from_the_topic() {
         {"tenant": "tenant-3", "n": registered("tenant-3")},
     ]);
     let per_tenant = || {
-        json!(stack.sql("SELECT tenant, count(*) AS n FROM devices GROUP BY tenant ORDER BY tenant"))
+        json!(
+            stack.sql("SELECT tenant, count(*) AS n FROM devices GROUP BY tenant ORDER BY tenant")
+        )
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     while per_tenant() != expected && Instant::now() < deadline {
@@ -439,11 +441,17 @@ fn registry_api_cli_self_registration_and_rebuild_from_the_topic() {
     );
     assert_eq!(
         meter,
-        vec![json!({"device_group": "acme-water", "model": "wm-3", "subject": "person-18",
-            "owners": 2, "floor": "2", "spot": "spot-4", "enabled": true})]
+        vec![
+            json!({"device_group": "acme-water", "model": "wm-3", "subject": "person-18",
+            "owners": 2, "floor": "2", "spot": "spot-4", "enabled": true})
+        ]
     );
-    let flows = stack.sql("SELECT count(*) AS n FROM telemetry WHERE device = 'meter-1' AND metric = 'flow'");
-    assert_eq!(flows[0]["n"], 1, "the MQTT reading landed once; the refused ones never");
+    let flows = stack
+        .sql("SELECT count(*) AS n FROM telemetry WHERE device = 'meter-1' AND metric = 'flow'");
+    assert_eq!(
+        flows[0]["n"], 1,
+        "the MQTT reading landed once; the refused ones never"
+    );
     let gone = stack.sql("SELECT count(*) AS n FROM devices WHERE device = 'fleet-00002'");
     assert_eq!(gone[0]["n"], 0);
     let joined = stack.sql(
@@ -451,6 +459,10 @@ fn registry_api_cli_self_registration_and_rebuild_from_the_topic() {
          ON t.tenant = d.tenant AND t.device = d.device \
          WHERE t.metric = 'level' AND d.device_group = 'fleet' GROUP BY 1",
     );
-    assert_eq!(joined, vec![json!({"device_group": "fleet", "n": 10000})], "fleet-00002 is gone");
+    assert_eq!(
+        joined,
+        vec![json!({"device_group": "fleet", "n": 10000})],
+        "fleet-00002 is gone"
+    );
     kill(&mut pipeline);
 }

@@ -68,7 +68,8 @@ impl BrokerCredentials {
         let tmp = self.password_file.with_extension("tributary-tmp");
         let _ = std::fs::remove_file(&tmp);
         write_private(&tmp, content.as_bytes()).map_err(|e| self.error(&tmp, e))?;
-        std::fs::rename(&tmp, &self.password_file).map_err(|e| self.error(&self.password_file, e))?;
+        std::fs::rename(&tmp, &self.password_file)
+            .map_err(|e| self.error(&self.password_file, e))?;
         self.reload_broker();
         tracing::info!(file = %self.password_file.display(), devices = listed, "broker password file written");
         Ok(listed)
@@ -206,7 +207,10 @@ mod tests {
         let creds = BrokerCredentials::new(&config, registry).unwrap();
         assert_eq!(creds.write().unwrap(), 1);
         let path = dir.path().join("passwd");
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "bridge:hb\nd1:h1\n");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "bridge:hb\nd1:h1\n"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -177,6 +177,15 @@ impl MqttBridge {
     }
 
     /// Runs until the task is cancelled. Reconnects on its own.
+    ///
+    /// Three tasks joined by FIFOs, so the MQTT event loop never waits for Kafka: the event loop
+    /// (this function) only reads the connection, answers pings and hands each publish on; the
+    /// producer task envelopes and enqueues (and may wait for room in the producer's queue); the
+    /// acknowledgement task waits for Kafka's ack of each message in arrival order, then queues its
+    /// PUBACK. The FIFOs are unbounded in type but bounded in fact: the broker sends at most
+    /// `mqtt.receive_maximum` unacknowledged messages. (An event loop that waited on Kafka went
+    /// silent during a broker stall, was dropped by Mosquitto for missing keep-alives and then never
+    /// polled again once its PUBACK queue filled.)
     pub async fn run(&self) -> Result<(), IngestError> {
         let mut options =
             MqttOptions::new(&self.config.client_id, &self.config.host, self.config.port);
@@ -194,13 +203,14 @@ impl MqttBridge {
         }
         let (client, mut eventloop) = AsyncClient::new(options, 1024);
         let filter = self.config.shared_filter();
-        // PUBACKs go out in arrival order: one FIFO, drained by one task.
-        let (tx, mut rx) = mpsc::channel::<InFlight>(self.config.receive_maximum as usize * 2);
+        let (received_tx, mut received) = mpsc::unbounded_channel::<Publish>();
+        let (inflight_tx, mut inflight) = mpsc::unbounded_channel::<InFlight>();
+
         let acker = {
             let client = client.clone();
             let producer = self.producer.clone();
             tokio::spawn(async move {
-                while let Some(f) = rx.recv().await {
+                while let Some(f) = inflight.recv().await {
                     let InFlight {
                         publish,
                         device,
@@ -232,31 +242,28 @@ impl MqttBridge {
                 }
             })
         };
-        tracing::info!(filter = %filter, host = %self.config.host, port = self.config.port, "mqtt bridge starting");
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    tracing::info!(
-                        session_present = ack.session_present,
-                        "mqtt bridge connected"
-                    );
-                    if !ack.session_present {
-                        client
-                            .subscribe(filter.clone(), QoS::AtLeastOnce)
-                            .await
-                            .map_err(|e| IngestError::Mqtt(e.to_string()))?;
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
+
+        let enqueuer = {
+            let bridge = Self {
+                config: self.config.clone(),
+                registry: self.registry.clone(),
+                producer: self.producer.clone(),
+            };
+            tokio::spawn(async move {
+                while let Some(publish) = received.recv().await {
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                    let device = self.config.device_of(&topic).unwrap_or_default().to_owned();
+                    let device = bridge
+                        .config
+                        .device_of(&topic)
+                        .unwrap_or_default()
+                        .to_owned();
                     if device.is_empty() {
                         tracing::warn!(%topic, "topic does not match mqtt.topic_pattern; recorded with no device");
                     }
-                    let envelope = self.envelope(&publish, &device);
+                    let envelope = bridge.envelope(&publish, &device);
                     let encoded = tributary_schemas::avro::encode(&envelope)?;
                     let pending = loop {
-                        match self.producer.enqueue_encoded(&device, &encoded).await {
+                        match bridge.producer.enqueue_encoded(&device, &encoded).await {
                             Ok(p) => break p,
                             Err(e) => {
                                 tracing::warn!(error = %e, "raw produce refused; retrying");
@@ -267,25 +274,68 @@ impl MqttBridge {
                     if publish.qos == QoS::AtMostOnce {
                         continue;
                     }
-                    let inflight = InFlight {
+                    let f = InFlight {
                         publish,
                         device,
                         encoded,
                         pending,
                     };
-                    if tx.send(inflight).await.is_err() {
-                        return Err(IngestError::Mqtt("acknowledgement task ended".into()));
+                    if inflight_tx.send(f).is_err() {
+                        break;
+                    }
+                }
+                Ok::<(), IngestError>(())
+            })
+        };
+
+        // The tasks go with this function (a restarted bridge starts its own; the broker redelivers
+        // what was not acknowledged).
+        let _tasks = AbortOnDrop([acker.abort_handle(), enqueuer.abort_handle()]);
+        tracing::info!(filter = %filter, host = %self.config.host, port = self.config.port, "mqtt bridge starting");
+        loop {
+            if acker.is_finished() || enqueuer.is_finished() {
+                return Err(IngestError::Mqtt(
+                    "a task of the bridge ended; restarting the bridge".into(),
+                ));
+            }
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    tracing::info!(
+                        session_present = ack.session_present,
+                        "mqtt bridge connected"
+                    );
+                    if !ack.session_present {
+                        // Queued from a task: the request queue drains only while this loop polls.
+                        let (client, filter) = (client.clone(), filter.clone());
+                        tokio::spawn(async move {
+                            if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
+                                tracing::error!(error = %e, "cannot queue the subscription");
+                            }
+                        });
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if received_tx.send(publish).is_err() {
+                        return Err(IngestError::Mqtt("the producer task ended".into()));
                     }
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    if acker.is_finished() {
-                        return Err(IngestError::Mqtt("acknowledgement task ended".into()));
-                    }
                     tracing::warn!(error = %e, "mqtt connection lost; reconnecting");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+    }
+}
+
+/// Aborts tasks when dropped.
+struct AbortOnDrop<const N: usize>([tokio::task::AbortHandle; N]);
+
+impl<const N: usize> Drop for AbortOnDrop<N> {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
         }
     }
 }

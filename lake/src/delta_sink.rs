@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use deltalake::datafusion::prelude::SessionContext;
-use deltalake::{DeltaTable, DeltaTableError};
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
 use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableError};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -271,7 +271,8 @@ impl<R: LakeRow> DeltaSink<R> {
                         None => match R::from_tombstone(msg.key().unwrap_or_default()) {
                             Some(row) => row,
                             None => {
-                                let reason = "a tombstone (null value), which this table does not take";
+                                let reason =
+                                    "a tombstone (null value), which this table does not take";
                                 self.dead_letter(&producer, p, offset, &[], reason).await?;
                                 continue;
                             }
@@ -543,10 +544,7 @@ mod tests {
         .unwrap();
         let table = write::<DeviceState>(table, batch, vec![]).await.unwrap();
         let rows = query(&table, "SELECT device, model FROM t ORDER BY device").await;
-        assert_eq!(
-            rows[3..5],
-            ["| a      | m2    |", "| c      | m3    |"]
-        );
+        assert_eq!(rows[3..5], ["| a      | m2    |", "| c      | m3    |"]);
         assert_eq!(rows.len(), 6, "{rows:#?}");
     }
 

@@ -110,6 +110,11 @@ mod tests {
         let mut d = Device::new("d1", "t1", 0);
         let token = issue_token(&mut d);
         assert_eq!(d.token_sha256, Some(token_hash(&token)));
-        assert!(d.mqtt_password_hash.as_deref().unwrap().starts_with("$7$101$"));
+        assert!(
+            d.mqtt_password_hash
+                .as_deref()
+                .unwrap()
+                .starts_with("$7$101$")
+        );
     }
 }

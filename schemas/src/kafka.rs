@@ -27,6 +27,10 @@ pub struct KafkaConfig {
     /// a restarted instance takes its partitions back at once instead of waiting for the session
     /// of its dead predecessor to expire. Give every instance of a stage its own.
     pub instance_id: String,
+    /// How long a consumer may go without a heartbeat before its group reassigns its partitions.
+    /// Kafka's default (45 s) also lets a group ride out a broker stall shorter than that without a
+    /// rebalance; static membership makes a restarted instance take its partitions back at once.
+    pub session_timeout_ms: u32,
     pub topics: Topics,
 }
 
@@ -37,6 +41,7 @@ impl Default for KafkaConfig {
             partitions: 3,
             group_prefix: "tributary".into(),
             instance_id: "1".into(),
+            session_timeout_ms: 45_000,
             topics: Topics::default(),
         }
     }
@@ -49,6 +54,12 @@ impl KafkaConfig {
     }
 
     /// An idempotent, compressed producer: acks=all, per-key order kept across retries.
+    ///
+    /// A produce request waits up to 60 s for the broker before it is retried, and a message up to
+    /// 120 s (Kafka's `delivery.timeout.ms`) before it is reported failed (callers retry or answer
+    /// 503 on their own, shorter, clocks). The long request timeout means a broker stalled for less
+    /// than a minute sees no retried produce at all: Tansu 0.6's sqlite engine panics on a retried
+    /// idempotent produce (`idempotent_message_check`, lite.rs:503) and then fails every request.
     pub fn producer(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
@@ -59,7 +70,8 @@ impl KafkaConfig {
             .set("linger.ms", "5")
             .set("batch.num.messages", "10000")
             .set("queue.buffering.max.kbytes", "65536")
-            .set("message.timeout.ms", "30000");
+            .set("request.timeout.ms", "60000")
+            .set("message.timeout.ms", "120000");
         c
     }
 
@@ -77,7 +89,7 @@ impl KafkaConfig {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", "1000")
             .set("partition.assignment.strategy", "range");
         c

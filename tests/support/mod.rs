@@ -37,6 +37,8 @@ pub struct Stack {
     pub http_port: u16,
     env: Vec<(String, String)>,
     stack_env: Vec<(String, String)>,
+    /// Every process a test started, killed when the stack goes (also when a test panics).
+    children: std::sync::Mutex<Vec<u32>>,
 }
 
 impl Stack {
@@ -98,6 +100,7 @@ impl Stack {
             http_port,
             env: env.clone(),
             stack_env,
+            children: Default::default(),
         };
         // Kafka first: devices are seeded on the registry topic, and Mosquitto needs their tokens.
         stack.service("up", &["tansu"]);
@@ -114,7 +117,14 @@ impl Stack {
             );
             std::thread::sleep(Duration::from_millis(500));
         }
-        stack.ok(&["devices", "seed", "--count", &devices.to_string(), "--tenants", "3"]);
+        stack.ok(&[
+            "devices",
+            "seed",
+            "--count",
+            &devices.to_string(),
+            "--tenants",
+            "3",
+        ]);
         // MQTT users the broker knows but the registry does not.
         let plain = stack.dir.path().join("stack").join("mqtt-users.plain");
         let users: String = unregistered_mqtt_users
@@ -131,7 +141,10 @@ impl Stack {
             .output()
             .unwrap();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
-            if let Some((k, v)) = line.trim().strip_prefix("export ").and_then(|kv| kv.split_once('='))
+            if let Some((k, v)) = line
+                .trim()
+                .strip_prefix("export ")
+                .and_then(|kv| kv.split_once('='))
                 && k.starts_with("TRIBUTARY_MQTT__")
             {
                 env.retain(|(key, _)| key != k);
@@ -193,35 +206,48 @@ impl Stack {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let mut args = vec!["run"];
         args.extend_from_slice(stages);
-        self.cmd(&args)
+        let child = self
+            .cmd(&args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap()
+            .unwrap();
+        self.adopt(&child);
+        child
+    }
+
+    fn adopt(&self, child: &Child) {
+        self.children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(child.id());
     }
 
     /// Starts the simulator in the background: `messages` messages from 20 devices at `rate` msg/s,
     /// in HTTP batches of 10. Its JSON summary is on the child's stdout.
     pub fn spawn_simulator(&self, via: &str, messages: u64, rate: u64, seed: &str) -> Child {
-        self.cmd(&[
-            "simulate",
-            "--via",
-            via,
-            "--devices",
-            "20",
-            "--messages",
-            &messages.to_string(),
-            "--rate",
-            &rate.to_string(),
-            "--batch",
-            "10",
-            "--seed",
-            seed,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+        let child = self
+            .cmd(&[
+                "simulate",
+                "--via",
+                via,
+                "--devices",
+                "20",
+                "--messages",
+                &messages.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--batch",
+                "10",
+                "--seed",
+                seed,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.adopt(&child);
+        child
     }
 
     pub fn wait_http(&self) {
@@ -362,7 +388,12 @@ impl Stack {
             got = metered();
         }
         assert!(!expected.is_empty());
-        assert_eq!(got, expected, "usage = raw, per tenant and device\n{}", self.logs());
+        assert_eq!(
+            got,
+            expected,
+            "usage = raw, per tenant and device\n{}",
+            self.logs()
+        );
     }
 
     /// Readings that appear more than once, by (tenant, device, event id, metric).
@@ -408,6 +439,17 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
+        for pid in self
+            .children
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
         let _ = Command::new("bash")
             .arg(repo().join("deploy/local/stack.sh"))
             .arg("down")
@@ -431,7 +473,16 @@ pub fn summary(stdout: &str) -> Value {
 }
 
 /// Waits for a simulator started by [`Stack::spawn_simulator`] and returns its summary.
-pub fn finish_simulator(child: Child) -> Value {
+pub fn finish_simulator(mut child: Child) -> Value {
+    // A simulator that cannot finish (the pipeline never acks) fails the test instead of hanging it.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the simulator did not finish within 5 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "simulator failed");
     summary(&String::from_utf8_lossy(&out.stdout))

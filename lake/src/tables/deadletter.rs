@@ -25,7 +25,6 @@ impl LakeRow for DeadLetter {
         Some(Derived::provenance(self))
     }
 
-
     fn arrow_schema() -> SchemaRef {
         static S: LazyLock<SchemaRef> = LazyLock::new(|| {
             Arc::new(Schema::new(vec![
@@ -75,4 +74,3 @@ impl LakeRow for DeadLetter {
         )
     }
 }
-

@@ -139,10 +139,16 @@ impl LakeRow for DeviceState {
             StringBuilder::new(),
             StringBuilder::new(),
         );
-        let mut metrics = ListBuilder::new(StringBuilder::new())
-            .with_field(Field::new("element", DataType::Utf8, true));
-        let mut site = ListBuilder::new(StringBuilder::new())
-            .with_field(Field::new("element", DataType::Utf8, true));
+        let mut metrics = ListBuilder::new(StringBuilder::new()).with_field(Field::new(
+            "element",
+            DataType::Utf8,
+            true,
+        ));
+        let mut site = ListBuilder::new(StringBuilder::new()).with_field(Field::new(
+            "element",
+            DataType::Utf8,
+            true,
+        ));
         let mut history = ListBuilder::new(StructBuilder::from_fields(span_fields(), 0))
             .with_field(Field::new("element", DataType::Struct(span_fields()), true));
         let mut enabled = BooleanBuilder::new();

@@ -18,8 +18,8 @@ use arrow::array::{
     TimestampMicrosecondBuilder,
 };
 use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
-use tributary_schemas::avro::{Provenance, TopicRecord};
 use tributary_schemas::Micros;
+use tributary_schemas::avro::{Provenance, TopicRecord};
 
 pub mod deadletter;
 pub mod devices;

@@ -24,7 +24,6 @@ impl LakeRow for Reading {
         Some(Derived::provenance(self))
     }
 
-
     fn arrow_schema() -> SchemaRef {
         static S: LazyLock<SchemaRef> = LazyLock::new(|| {
             Arc::new(Schema::new(vec![
@@ -71,4 +70,3 @@ impl LakeRow for Reading {
         )
     }
 }
-
