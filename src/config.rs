@@ -264,6 +264,14 @@ mod tests {
             let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(c.kafka.brokers, "10.0.0.1:9092");
             assert_eq!(c.http.listen, "127.0.0.1:9999");
+            // Ids of digits arrive as numbers from the environment and are still ids.
+            jail.set_env("TRIBUTARY_KAFKA__INSTANCE_ID", "2");
+            jail.set_env("TRIBUTARY_MQTT__CLIENT_ID", "7");
+            let c = Config::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                (c.kafka.instance_id.as_str(), c.mqtt.client_id.as_str()),
+                ("2", "7")
+            );
             jail.set_env("TRIBUTARY_KAFKA__PARTITIONS", "many");
             let e = Config::load(Some(Path::new("t.toml")))
                 .unwrap_err()

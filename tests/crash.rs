@@ -2,9 +2,9 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{Stack, field, finish_simulator, kill};
+use support::{Stack, field, finish_simulator, kill, kill_9_while_landing};
 
 #[test]
 fn kill_9_mid_stream_loses_and_duplicates_nothing() {
@@ -15,19 +15,7 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
 
     // Kill while events flow and rows are landing, twice.
     for round in 1..=2 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let floor = stack.count("telemetry");
-        while stack.count("telemetry") <= floor && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        std::thread::sleep(Duration::from_millis(700));
-        let pid = pipeline.id();
-        let status = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let _ = pipeline.wait();
+        kill_9_while_landing(&stack, &mut pipeline);
         std::thread::sleep(Duration::from_millis(500));
         pipeline = stack.spawn_pipeline(round);
     }

@@ -1,40 +1,35 @@
 //! The ingest tier alone is killed: `kill -9` the HTTP server and the MQTT bridge mid-load while
-//! cleanse and the lake keep running in their own process. Every 202-acked request and every QoS 1
-//! message (acked by Mosquitto, queued there for the bridge's persistent session) reaches `raw`, and
-//! the lake holds each exactly once.
+//! cleanse and the lake keep running in their own process, and a second MQTT bridge instance shares
+//! the subscription. Every 202-acked request and every QoS 1 message (acked by Mosquitto, queued
+//! there for the bridge's persistent session) reaches `raw`, and the lake holds each exactly once.
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{Stack, field, finish_simulator, kill};
+use support::{Stack, field, finish_simulator, kill, kill_9_while_landing};
 
 #[test]
 fn kill_9_of_http_and_mqtt_bridge_loses_nothing() {
     let stack = Stack::start_with_storage(20, &[], "sqlite://tansu.db");
-    let mut processing = stack.spawn_stages(&["cleanse", "lake"], "processing");
-    let mut ingest = stack.spawn_stages(&["http", "mqtt"], "ingest-0");
+    let mut processing = stack.spawn_stages(&["cleanse", "lake"], "processing", &[]);
+    let mut ingest = stack.spawn_stages(&["http", "mqtt"], "ingest-0", &[]);
+    // Another bridge instance in the same shared subscription (its own client id and instance).
+    let second = [
+        ("TRIBUTARY_MQTT__CLIENT_ID", "tributary-bridge-2"),
+        ("TRIBUTARY_KAFKA__INSTANCE_ID", "2"),
+    ];
+    let mut bridge_2 = stack.spawn_stages(&["mqtt"], "bridge-2", &second);
     stack.wait_http();
     let mqtt = stack.spawn_simulator("mqtt", 8000, 600, "21");
     let http = stack.spawn_simulator("http", 8000, 600, "22");
 
     for round in 1..=2 {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let floor = stack.count("telemetry");
-        while stack.count("telemetry") <= floor && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        std::thread::sleep(Duration::from_millis(700));
-        let status = std::process::Command::new("kill")
-            .args(["-9", &ingest.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let _ = ingest.wait();
+        kill_9_while_landing(&stack, &mut ingest);
         // Devices keep sending meanwhile: HTTP ones get connection errors and retry, MQTT ones are
         // acked by Mosquitto, which queues for the bridge.
         std::thread::sleep(Duration::from_millis(1500));
-        ingest = stack.spawn_stages(&["http", "mqtt"], &format!("ingest-{round}"));
+        ingest = stack.spawn_stages(&["http", "mqtt"], &format!("ingest-{round}"), &[]);
         stack.wait_http();
     }
 
@@ -53,6 +48,23 @@ fn kill_9_of_http_and_mqtt_bridge_loses_nothing() {
     );
     assert_eq!(stack.duplicate_readings(), 0);
     stack.assert_usage_matches_raw(Duration::from_secs(60));
+    // Both bridges took a share of the MQTT load.
+    let forwarded = |log: &str| {
+        log.lines()
+            .filter_map(|l| l.split("acked=").nth(1))
+            .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let by_second = forwarded(&stack.log("bridge-2"));
+    let by_first: u64 = (0..=2)
+        .map(|r| forwarded(&stack.log(&format!("ingest-{r}"))))
+        .sum();
+    assert!(
+        by_second > 0 && by_first > 0,
+        "messages acknowledged by the bridges: first {by_first}, second {by_second}"
+    );
     kill(&mut ingest);
+    kill(&mut bridge_2);
     kill(&mut processing);
 }

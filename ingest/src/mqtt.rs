@@ -5,7 +5,7 @@
 //! while the bridge is down are delivered when it returns, and unacknowledged ones are redelivered.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
@@ -19,6 +19,9 @@ use tributary_schemas::{RawEnvelope, Source, now_micros};
 use crate::IngestError;
 use crate::producer::{Pending, RawProducer};
 
+/// How often, at most, the bridge logs how many messages it has acknowledged while busy.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
 /// `[mqtt]` in the config file.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -26,6 +29,7 @@ pub struct MqttConfig {
     pub host: String,
     pub port: u16,
     /// Client id of this bridge instance; each instance needs its own.
+    #[serde(deserialize_with = "tributary_schemas::config_value::text")]
     pub client_id: String,
     pub username: Option<String>,
     pub password: Option<String>,
@@ -210,6 +214,8 @@ impl MqttBridge {
             let client = client.clone();
             let producer = self.producer.clone();
             tokio::spawn(async move {
+                // Progress for operators (and for telling instances of a shared subscription apart).
+                let (mut acked, mut last_report) = (0u64, Instant::now());
                 while let Some(f) = inflight.recv().await {
                     let InFlight {
                         publish,
@@ -238,6 +244,14 @@ impl MqttBridge {
                     }
                     if let Err(e) = client.ack(&publish).await {
                         tracing::warn!(error = %e, "cannot queue PUBACK");
+                    }
+                    acked += 1;
+                    let since = last_report.elapsed();
+                    if since >= PROGRESS_EVERY
+                        || (inflight.is_empty() && since >= Duration::from_secs(1))
+                    {
+                        tracing::info!(acked, "mqtt bridge: messages in raw and acknowledged");
+                        last_report = Instant::now();
                     }
                 }
             })

@@ -117,6 +117,12 @@ pub trait TopicRecord: Serialize + DeserializeOwned {
     const NAME: &'static str;
     const SCHEMA_ID: u32;
     fn schema() -> &'static Schema;
+    /// Earlier versions of the schema, by id, that records on the topic may still carry: they are
+    /// read through Avro schema resolution into the current type (a field added since gets its
+    /// default). A schema change is a new id, never a new meaning for an old one.
+    fn earlier_schemas() -> &'static [(u32, &'static Schema)] {
+        &[]
+    }
 }
 
 /// Derived records know the raw record they came from.
@@ -124,18 +130,31 @@ pub trait Derived {
     fn provenance(&self) -> Provenance;
 }
 
+macro_rules! avsc {
+    ($file:literal) => {{
+        static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
+            Schema::parse_str(include_str!(concat!("../avro/", $file)))
+                .expect(concat!($file, " is a valid Avro schema (checked by tests)"))
+        });
+        &*SCHEMA
+    }};
+}
+
 macro_rules! topic_record {
-    ($ty:ty, $name:literal, $id:expr, $file:literal) => {
+    ($ty:ty, $name:literal, $id:expr, $file:literal $(, earlier: [$(($old_id:expr, $old_file:literal)),*])?) => {
         impl TopicRecord for $ty {
             const NAME: &'static str = $name;
             const SCHEMA_ID: u32 = $id;
             fn schema() -> &'static Schema {
-                static SCHEMA: LazyLock<Schema> = LazyLock::new(|| {
-                    Schema::parse_str(include_str!(concat!("../avro/", $file)))
-                        .expect(concat!($file, " is a valid Avro schema (checked by tests)"))
-                });
-                &SCHEMA
+                avsc!($file)
             }
+            $(
+            fn earlier_schemas() -> &'static [(u32, &'static Schema)] {
+                static EARLIER: LazyLock<Vec<(u32, &'static Schema)>> =
+                    LazyLock::new(|| vec![$(($old_id, avsc!($old_file))),*]);
+                &EARLIER
+            }
+            )?
         }
     };
 }
@@ -146,7 +165,9 @@ impl SchemaId {
     pub const RAW_ENVELOPE: u32 = 1;
     pub const READING: u32 = 2;
     pub const DEAD_LETTER: u32 = 3;
-    pub const REGISTRY_EVENT: u32 = 4;
+    /// `registry_event.v1.avsc`: before `Device.mqtt_password_hash`; still read.
+    pub const REGISTRY_EVENT_V1: u32 = 4;
+    pub const REGISTRY_EVENT: u32 = 5;
 }
 
 topic_record!(
@@ -167,7 +188,8 @@ topic_record!(
     crate::registry::RegistryEvent,
     "RegistryEvent",
     SchemaId::REGISTRY_EVENT,
-    "registry_event.avsc"
+    "registry_event.avsc",
+    earlier: [(SchemaId::REGISTRY_EVENT_V1, "registry_event.v1.avsc")]
 );
 
 impl Derived for Reading {
@@ -210,15 +232,18 @@ pub fn decode<T: TopicRecord>(bytes: &[u8]) -> Result<T, AvroError> {
         return Err(AvroError::BadMagic(bytes[0]));
     }
     let id = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
-    if id != T::SCHEMA_ID {
+    let mut body = &bytes[5..];
+    let value = if id == T::SCHEMA_ID {
+        apache_avro::from_avro_datum(T::schema(), &mut body, None)?
+    } else if let Some((_, writer)) = T::earlier_schemas().iter().find(|(old, _)| *old == id) {
+        apache_avro::from_avro_datum(writer, &mut body, Some(T::schema()))?
+    } else {
         return Err(AvroError::WrongSchema {
             found: id,
             expected: T::SCHEMA_ID,
             name: T::NAME,
         });
-    }
-    let mut body = &bytes[5..];
-    let value = apache_avro::from_avro_datum(T::schema(), &mut body, None)?;
+    };
     Ok(apache_avro::from_value(&value)?)
 }
 
@@ -282,6 +307,49 @@ mod tests {
             original: vec![0xff, 0x00],
         };
         assert_eq!(decode::<DeadLetter>(&encode(&d).unwrap()).unwrap(), d);
+    }
+
+    #[test]
+    fn registry_events_of_the_earlier_schema_are_still_read() {
+        use crate::registry::{Device, RegistryChange, RegistryEvent};
+        let mut device = Device::new("d1", "acme", 7);
+        device.model = Some("m".into());
+        let event = RegistryEvent {
+            device: "d1".into(),
+            tenant: "acme".into(),
+            change: RegistryChange::Created,
+            at: 7,
+            actor: "admin".into(),
+            state: Some(device),
+        };
+        // The same event as a writer of the earlier schema (no mqtt_password_hash) framed it.
+        fn drop_field(v: apache_avro::types::Value) -> apache_avro::types::Value {
+            use apache_avro::types::Value;
+            match v {
+                Value::Record(fields) => Value::Record(
+                    fields
+                        .into_iter()
+                        .filter(|(k, _)| k != "mqtt_password_hash")
+                        .map(|(k, v)| (k, drop_field(v)))
+                        .collect(),
+                ),
+                Value::Union(i, inner) => Value::Union(i, Box::new(drop_field(*inner))),
+                other => other,
+            }
+        }
+        let (_, v1) = RegistryEvent::earlier_schemas()[0];
+        let value = drop_field(apache_avro::to_value(&event).unwrap())
+            .resolve(v1)
+            .unwrap();
+        let mut bytes = vec![0u8];
+        bytes.extend_from_slice(&SchemaId::REGISTRY_EVENT_V1.to_be_bytes());
+        bytes.extend(apache_avro::to_avro_datum(v1, value).unwrap());
+        assert_eq!(decode::<RegistryEvent>(&bytes).unwrap(), event);
+        // And the current schema is a new id.
+        assert_eq!(
+            &encode(&event).unwrap()[1..5],
+            &SchemaId::REGISTRY_EVENT.to_be_bytes()
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub struct KafkaConfig {
     /// This instance's name within each consumer group (static membership, `group.instance.id`):
     /// a restarted instance takes its partitions back at once instead of waiting for the session
     /// of its dead predecessor to expire. Give every instance of a stage its own.
+    #[serde(deserialize_with = "crate::config_value::text")]
     pub instance_id: String,
     /// How long a consumer may go without a heartbeat before its group reassigns its partitions.
     /// Kafka's default (45 s) also lets a group ride out a broker stall shorter than that without a

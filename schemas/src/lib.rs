@@ -9,6 +9,7 @@
 //! It must not touch: I/O, any stage's logic, or the lake.
 
 pub mod avro;
+pub mod config_value;
 pub mod kafka;
 pub mod payload;
 pub mod registry;

@@ -196,18 +196,20 @@ impl Stack {
 
     /// Starts `tributary run` (every stage), logging to `<dir>/pipeline-N.log`.
     pub fn spawn_pipeline(&self, n: usize) -> Child {
-        let child = self.spawn_stages(&[], &format!("pipeline-{n}"));
+        let child = self.spawn_stages(&[], &format!("pipeline-{n}"), &[]);
         self.wait_http();
         child
     }
 
-    /// Starts `tributary run <stages…>` logging to `<dir>/<name>.log`; does not wait for it.
-    pub fn spawn_stages(&self, stages: &[&str], name: &str) -> Child {
+    /// Starts `tributary run <stages…>` with extra `TRIBUTARY_…` settings, logging to
+    /// `<dir>/<name>.log`; does not wait for it.
+    pub fn spawn_stages(&self, stages: &[&str], name: &str, env: &[(&str, &str)]) -> Child {
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let mut args = vec!["run"];
         args.extend_from_slice(stages);
         let child = self
             .cmd(&args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -415,6 +417,11 @@ impl Stack {
     }
 
     /// Dumps the pipeline logs (for a failing assertion's context).
+    /// The log of a process started by [`Stack::spawn_stages`].
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     /// The last lines of every process log of this test.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -493,6 +500,22 @@ pub fn field(summary: &Value, key: &str) -> u64 {
     summary[key]
         .as_u64()
         .unwrap_or_else(|| panic!("{key} missing in {summary}"))
+}
+
+/// Waits until new rows are landing in `telemetry` (up to 60 s), then `kill -9`s `child` and reaps it.
+pub fn kill_9_while_landing(stack: &Stack, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let floor = stack.count("telemetry");
+    while stack.count("telemetry") <= floor && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let status = Command::new("kill")
+        .args(["-9", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _ = child.wait();
 }
 
 /// Stops a child for good.

@@ -1,0 +1,22 @@
+//! Deserialisers for configuration values that are text but may arrive as numbers: environment
+//! overrides are parsed, so `TRIBUTARY_KAFKA__INSTANCE_ID=2` is the number 2, and an instance id or
+//! a client id of digits must still be accepted as the text `"2"`.
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Text {
+    Text(String),
+    Unsigned(u64),
+    Signed(i64),
+}
+
+/// A string, or a number taken as its decimal text.
+pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match Text::deserialize(d)? {
+        Text::Text(s) => s,
+        Text::Unsigned(n) => n.to_string(),
+        Text::Signed(n) => n.to_string(),
+    })
+}
