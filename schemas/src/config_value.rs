@@ -6,17 +6,17 @@ use serde::{Deserialize, Deserializer};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-enum Text {
-    Text(String),
+enum TextOrNumber {
+    Str(String),
     Unsigned(u64),
     Signed(i64),
 }
 
 /// A string, or a number taken as its decimal text.
 pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    Ok(match Text::deserialize(d)? {
-        Text::Text(s) => s,
-        Text::Unsigned(n) => n.to_string(),
-        Text::Signed(n) => n.to_string(),
+    Ok(match TextOrNumber::deserialize(d)? {
+        TextOrNumber::Str(s) => s,
+        TextOrNumber::Unsigned(n) => n.to_string(),
+        TextOrNumber::Signed(n) => n.to_string(),
     })
 }
