@@ -10,6 +10,8 @@
 //! It prints, for the same broker in the same run:
 //! - `bare-producer`: a bare rdkafka producer (the same settings as the ingest producer) writing
 //!   envelope-sized records: the ceiling any Kafka-backed ingest can reach here;
+//! - `mosquitto-alone`: the same simulated MQTT devices publishing to the same Mosquitto before the
+//!   pipeline runs (no subscriber): the ceiling the broker and the simulator set for MQTT here;
 //! - `http` and `mqtt`: messages acknowledged to the devices per second (HTTP: 202 after Kafka
 //!   acknowledged every message of the request, compared with the bare producer; MQTT: the broker's
 //!   PUBACK), and messages and readings per second from the first send until the last row is
@@ -71,6 +73,34 @@ fn main() {
         o.messages, bare
     );
 
+    // The MQTT baseline: the same simulated devices publishing to the same Mosquitto before the
+    // pipeline starts (nobody subscribed): what the broker and the simulator reach on this machine.
+    let users: String = stack
+        .secrets()
+        .iter()
+        .map(|d| {
+            format!(
+                "{}:{}\n",
+                d["device"].as_str().unwrap_or_default(),
+                d["token"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    std::fs::write(stack.path().join("stack/mqtt-users.plain"), users).expect("mqtt users");
+    stack.service("down", &["mosquitto"]);
+    stack.service("up", &["mosquitto"]);
+    let out = simulator(&stack, "mqtt", o.messages, o.mqtt_rate, o.devices)
+        .output()
+        .expect("broker-only run");
+    assert!(out.status.success(), "broker-only MQTT run failed");
+    let broker_only = summary(&String::from_utf8_lossy(&out.stdout))["acked_per_sec"]
+        .as_f64()
+        .unwrap_or(0.0);
+    println!(
+        "mosquitto-alone {:>8} messages  acked {:>7.0} msg/s (no subscriber)",
+        o.messages, broker_only
+    );
+
     let mut pipeline = stack.spawn_pipeline(0);
     // Warm-up: consumer groups joined, tables created, so the timed runs measure steady state.
     let warm = simulator(&stack, "http", 200, 1_000_000, o.devices)
@@ -83,12 +113,19 @@ fn main() {
     let mqtt = timed_run(&stack, "mqtt", o.messages, o.mqtt_rate, o.devices);
     support::kill(&mut pipeline);
 
-    for (via, r) in [("http", http), ("mqtt", mqtt)] {
+    for (via, r, baseline) in [("http", http, None), ("mqtt", mqtt, Some(broker_only))] {
+        let share = match baseline {
+            Some(b) => format!(
+                "{:.0}% of bare, {:.0}% of mosquitto alone",
+                100.0 * r.device_acked_per_sec / bare,
+                100.0 * r.device_acked_per_sec / b
+            ),
+            None => format!("{:.0}% of bare", 100.0 * r.device_acked_per_sec / bare),
+        };
         println!(
-            "{via:<13}  {:>8} messages  acked {:>7.0} msg/s ({:.0}% of bare)  in the lake {:>7.0} msg/s = {:>7.0} readings/s ({:.1} s to the last row)",
+            "{via:<13}  {:>8} messages  acked {:>7.0} msg/s ({share})  in the lake {:>7.0} msg/s = {:>7.0} readings/s ({:.1} s to the last row)",
             r.messages,
             r.device_acked_per_sec,
-            100.0 * r.device_acked_per_sec / bare,
             r.messages as f64 / r.landed_secs,
             r.readings as f64 / r.landed_secs,
             r.landed_secs
