@@ -57,22 +57,47 @@ impl BrokerCredentials {
         }
     }
 
-    /// Writes the file now and signals the broker; returns how many devices it lists.
-    pub fn write(&self) -> Result<usize, IngestError> {
+    /// The file as the registry says it should be, and how many devices it lists.
+    fn render(&self) -> Result<(String, usize), IngestError> {
         let statics = match &self.static_file {
             Some(p) => std::fs::read_to_string(p).map_err(|e| self.error(p, e))?,
             None => String::new(),
         };
-        let devices = self.registry.list(|_| true);
-        let (content, listed) = render(&statics, &devices);
-        let tmp = self.password_file.with_extension("tributary-tmp");
+        Ok(render(&statics, &self.registry.list(|_| true)))
+    }
+
+    /// Writes the file now and signals the broker; returns how many devices it lists.
+    pub fn write(&self) -> Result<usize, IngestError> {
+        let (content, listed) = self.render()?;
+        self.replace(&content)?;
+        tracing::info!(file = %self.password_file.display(), devices = listed, "broker password file written");
+        Ok(listed)
+    }
+
+    /// Writes the file if it differs from what the registry says (another instance may have
+    /// written the same already); returns whether it wrote.
+    fn write_if_changed(&self) -> Result<bool, IngestError> {
+        let (content, listed) = self.render()?;
+        if std::fs::read_to_string(&self.password_file).is_ok_and(|now| now == content) {
+            return Ok(false);
+        }
+        self.replace(&content)?;
+        tracing::info!(file = %self.password_file.display(), devices = listed, "broker password file written");
+        Ok(true)
+    }
+
+    /// Replaces the file atomically (a temporary file of this process, then a rename) and signals
+    /// the broker.
+    fn replace(&self, content: &str) -> Result<(), IngestError> {
+        let tmp = self
+            .password_file
+            .with_extension(format!("tributary-{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         write_private(&tmp, content.as_bytes()).map_err(|e| self.error(&tmp, e))?;
         std::fs::rename(&tmp, &self.password_file)
             .map_err(|e| self.error(&self.password_file, e))?;
         self.reload_broker();
-        tracing::info!(file = %self.password_file.display(), devices = listed, "broker password file written");
-        Ok(listed)
+        Ok(())
     }
 
     /// SIGHUP to Mosquitto (it reloads its password file); a missing pid file is not an error (the
@@ -115,7 +140,7 @@ impl BrokerCredentials {
             let generation = self.registry.generation();
             if self.current(generation) != last {
                 let this = &self;
-                match tokio::task::block_in_place(|| this.write()) {
+                match tokio::task::block_in_place(|| this.write_if_changed()) {
                     Ok(_) => last = self.current(generation),
                     Err(e) => tracing::error!(error = %e, "broker password file not written"),
                 }
