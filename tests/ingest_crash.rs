@@ -2,12 +2,15 @@
 //! cleanse and the lake keep running in their own process, and a second MQTT bridge instance shares
 //! the subscription. Every 202-acked request and every QoS 1 message (acked by Mosquitto, queued
 //! there for the bridge's persistent session) reaches `raw`, and the lake holds each exactly once.
+//! Then Mosquitto itself restarts, and MQTT still flows.
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use support::{Stack, field, finish_simulator, kill, kill_9_while_landing};
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
+
+use support::{Stack, field, finish_simulator, kill, kill_9_while_landing, try_mqtt_publish};
 
 #[test]
 fn kill_9_of_http_and_mqtt_bridge_loses_nothing() {
@@ -64,6 +67,44 @@ fn kill_9_of_http_and_mqtt_bridge_loses_nothing() {
         by_second > 0 && by_first > 0,
         "messages acknowledged by the bridges: first {by_first}, second {by_second}"
     );
+
+    // Mosquitto restarted from its persistence file: the bridges subscribe again and a device's
+    // message still reaches the lake.
+    stack.service("down", &["mosquitto"]);
+    stack.service("up", &["mosquitto"]);
+    let secrets = stack.secrets();
+    let (device, token) = (
+        secrets[0]["device"].as_str().unwrap(),
+        secrets[0]["token"].as_str().unwrap(),
+    );
+    let probe = r#"{"id":"after-mosquitto-restart","metrics":{"probe":1.5}}"#.to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while try_mqtt_publish(
+        stack.mqtt_port,
+        device,
+        token,
+        &format!("devices/{device}/telemetry"),
+        std::slice::from_ref(&probe),
+    ) != Ok(vec![PubAckReason::Success])
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the device cannot publish after the restart"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let landed = || {
+        stack.sql("SELECT count(*) AS n FROM telemetry WHERE event_id = 'after-mosquitto-restart'")
+            [0]["n"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while landed() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(landed(), 1, "after the Mosquitto restart\n{}", stack.logs());
+
     kill(&mut ingest);
     kill(&mut bridge_2);
     kill(&mut processing);

@@ -318,7 +318,11 @@ impl MqttBridge {
                         session_present = ack.session_present,
                         "mqtt bridge connected"
                     );
-                    if !ack.session_present {
+                    // Subscribe on every connection, also when the broker kept the session:
+                    // Mosquitto 2.0.11 restarted from its persistence file answers
+                    // session_present but delivers nothing to the restored shared subscription.
+                    // Subscribing again to the same filter is harmless.
+                    {
                         // Queued from a task: the request queue drains only while this loop polls.
                         let (client, filter) = (client.clone(), filter.clone());
                         tokio::spawn(async move {
