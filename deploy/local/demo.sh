@@ -38,6 +38,15 @@ export TRIBUTARY_REGISTRY__ADMIN_TOKEN=${TRIBUTARY_REGISTRY__ADMIN_TOKEN:-$(head
 pipeline=$!
 for _ in $(seq 1 100); do (exec 3<>/dev/tcp/127.0.0.1/8080) 2>/dev/null && break; sleep 0.2; done
 
+# Rows already in the lake (it outlives runs), so the wait below knows what this run adds.
+rows() {
+  local n
+  n=$("$bin" sql --format csv "SELECT count(*) AS n FROM $1" 2>/dev/null | grep -E '^[0-9]+$' | tail -n 1 || true)
+  echo "${n:-0}"
+}
+before_readings=$(rows telemetry)
+before_dead=$(rows deadletter)
+
 echo "simulating 50 devices for ${DEMO_SECONDS}s at ${DEMO_RATE} msg/s over MQTT and over HTTP…"
 "$bin" simulate --via mqtt --devices 50 --rate "$DEMO_RATE" --duration "${DEMO_SECONDS}s" >"$STACK_DIR/sim-mqtt.json" &
 sim_mqtt=$!
@@ -45,7 +54,21 @@ sim_mqtt=$!
 wait "$sim_mqtt"
 echo "mqtt: $(cat "$STACK_DIR/sim-mqtt.json")"
 echo "http: $(cat "$STACK_DIR/sim-http.json")"
-sleep 5   # the sinks commit every 2 s
+# Wait until the lake holds what the simulator says it should (the sinks commit every 2 s; after a
+# restart the consumer groups may first take a rebalance or two).
+expected() {
+  local total=0 n
+  for n in $(grep -ho "\"$1\":[0-9]*" "$STACK_DIR"/sim-*.json | cut -d: -f2); do total=$((total + n)); done
+  echo "$total"
+}
+want_readings=$((before_readings + $(expected expected_readings)))
+want_dead=$((before_dead + $(expected expected_dead_letters)))
+for _ in $(seq 1 120); do
+  got_readings=$(rows telemetry); got_dead=$(rows deadletter)
+  [ "$got_readings" -ge "$want_readings" ] && [ "$got_dead" -ge "$want_dead" ] && break
+  sleep 1
+done
+echo "in the lake: $got_readings readings (expected $want_readings), $got_dead dead letters (expected $want_dead)"
 
 echo
 echo "What landed in the lake (./data/lake):"
