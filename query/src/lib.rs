@@ -37,7 +37,7 @@ pub enum OutputFormat {
 }
 
 /// Tables the pipeline writes, registered even on object stores that cannot be listed cheaply.
-pub const KNOWN_TABLES: [&str; 2] = ["telemetry", "deadletter"];
+pub const KNOWN_TABLES: [&str; 4] = tributary_lake::tables::TABLES;
 
 /// A DataFusion session with every lake table registered.
 pub struct SqlEngine {

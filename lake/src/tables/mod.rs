@@ -26,6 +26,14 @@ pub mod devices;
 pub mod telemetry;
 pub mod usage;
 
+/// Every table the pipeline writes, by name.
+pub const TABLES: [&str; 4] = [
+    <tributary_schemas::Reading as LakeRow>::TABLE,
+    <tributary_schemas::DeadLetter as LakeRow>::TABLE,
+    <devices::DeviceState as LakeRow>::TABLE,
+    <usage::UsageEvent as LakeRow>::TABLE,
+];
+
 /// How a table takes a batch of rows.
 #[derive(Debug, Clone, Copy)]
 pub enum TableWrite {
