@@ -69,8 +69,7 @@ impl BrokerCredentials {
     /// Writes the file now and signals the broker; returns how many devices it lists.
     pub fn write(&self) -> Result<usize, IngestError> {
         let (content, listed) = self.render()?;
-        self.replace(&content)?;
-        tracing::info!(file = %self.password_file.display(), devices = listed, "broker password file written");
+        self.replace(&content, listed)?;
         Ok(listed)
     }
 
@@ -81,14 +80,13 @@ impl BrokerCredentials {
         if std::fs::read_to_string(&self.password_file).is_ok_and(|now| now == content) {
             return Ok(false);
         }
-        self.replace(&content)?;
-        tracing::info!(file = %self.password_file.display(), devices = listed, "broker password file written");
+        self.replace(&content, listed)?;
         Ok(true)
     }
 
     /// Replaces the file atomically (a temporary file of this process, then a rename) and signals
     /// the broker.
-    fn replace(&self, content: &str) -> Result<(), IngestError> {
+    fn replace(&self, content: &str, listed: usize) -> Result<(), IngestError> {
         let tmp = self
             .password_file
             .with_extension(format!("tributary-{}.tmp", std::process::id()));
@@ -97,6 +95,7 @@ impl BrokerCredentials {
         std::fs::rename(&tmp, &self.password_file)
             .map_err(|e| self.error(&self.password_file, e))?;
         self.reload_broker();
+        tracing::info!(file = %self.password_file.display(), devices = listed, "broker password file written");
         Ok(())
     }
 

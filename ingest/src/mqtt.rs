@@ -120,6 +120,7 @@ impl MqttConfig {
 }
 
 /// The bridge from the MQTT broker to the `raw` topic.
+#[derive(Clone)]
 pub struct MqttBridge {
     config: MqttConfig,
     registry: Arc<DeviceRegistry>,
@@ -258,11 +259,7 @@ impl MqttBridge {
         };
 
         let enqueuer = {
-            let bridge = Self {
-                config: self.config.clone(),
-                registry: self.registry.clone(),
-                producer: self.producer.clone(),
-            };
+            let bridge = self.clone();
             tokio::spawn(async move {
                 while let Some(publish) = received.recv().await {
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();

@@ -278,29 +278,27 @@ impl<R: LakeRow> DeltaSink<R> {
                             }
                         },
                     };
-                    let Some(prov) = row.provenance() else {
-                        // The consumed record is the source: its offset, checked above, is enough.
-                        rows.push(row);
-                        row_parts.push(p);
-                        oldest.get_or_insert_with(Instant::now);
-                        continue;
-                    };
-                    let key = (prov.topic.clone(), prov.partition);
-                    let hwm = match sources.get(&key) {
-                        Some(h) => *h,
-                        None => {
-                            let h = txn_version(&table, &self.source_app_id(&key.0, key.1)).await?;
-                            sources.insert(key.clone(), h);
-                            h
+                    // Rows of a derived topic: drop re-emissions by their source position. (When
+                    // the consumed record is itself the source, its offset, checked above, is enough.)
+                    if let Some(prov) = row.provenance() {
+                        let key = (prov.topic.clone(), prov.partition);
+                        let hwm = match sources.get(&key) {
+                            Some(h) => *h,
+                            None => {
+                                let h =
+                                    txn_version(&table, &self.source_app_id(&key.0, key.1)).await?;
+                                sources.insert(key.clone(), h);
+                                h
+                            }
+                        };
+                        let seq = source_seq(prov.offset, prov.index);
+                        if hwm.is_some_and(|h| seq <= h) {
+                            dropped += 1;
+                            continue;
                         }
-                    };
-                    let seq = source_seq(prov.offset, prov.index);
-                    if hwm.is_some_and(|h| seq <= h) {
-                        dropped += 1;
-                        continue;
+                        sources.insert(key.clone(), Some(seq));
+                        touched_sources.insert(key, seq);
                     }
-                    sources.insert(key.clone(), Some(seq));
-                    touched_sources.insert(key, seq);
                     rows.push(row);
                     row_parts.push(p);
                     oldest.get_or_insert_with(Instant::now);
@@ -464,6 +462,13 @@ mod tests {
         text.lines().map(str::to_owned).collect()
     }
 
+    fn temp_lake(dir: &tempfile::TempDir) -> LakeConfig {
+        LakeConfig {
+            url: dir.path().display().to_string(),
+            ..Default::default()
+        }
+    }
+
     fn raw(tenant: &str, device: &str, bytes: usize) -> UsageEvent {
         UsageEvent::from_record(RawEnvelope {
             event_id: "e".into(),
@@ -481,10 +486,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn usage_merges_add_up_and_record_their_offsets() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = LakeConfig {
-            url: dir.path().display().to_string(),
-            ..Default::default()
-        };
+        let lake = temp_lake(&dir);
         let table = open_table(&lake, "usage").await.unwrap();
         let first = vec![raw("t1", "d1", 10), raw("t1", "d1", 5), raw("", "ghost", 7)];
         let batch = UsageEvent::to_batch(&first).unwrap();
@@ -513,10 +515,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn device_merges_upsert_and_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let lake = LakeConfig {
-            url: dir.path().display().to_string(),
-            ..Default::default()
-        };
+        let lake = temp_lake(&dir);
         let event = |id: &str, change: RegistryChange, model: &str| {
             let mut d = Device::new(id, "t1", 1);
             d.model = Some(model.into());
