@@ -238,6 +238,7 @@ async fn bare_producer(kafka_port: u16, n: u64) -> f64 {
             payload: body.to_vec(),
             subject: None,
             encryption_key_id: None,
+            replayed_at: None,
         };
         let bytes = avro::encode(&envelope).expect("encode");
         loop {

@@ -181,6 +181,13 @@ impl Config {
         if self.cleanse.batch_size == 0 {
             return bad("cleanse.batch_size", &0, "must be at least 1");
         }
+        if let Err(e) = self.cleanse.catalog() {
+            return Err(ConfigError(format!(
+                "`{}`: {}",
+                format_args!("cleanse.{}", e.key),
+                e.reason
+            )));
+        }
         if self.lake.flush_rows == 0 {
             return bad("lake.flush_rows", &0, "must be at least 1");
         }

@@ -322,6 +322,7 @@ async fn telemetry(
             payload: m.bytes.to_vec(),
             subject: device.subject.clone(),
             encryption_key_id: None,
+            replayed_at: None,
         })
         .collect();
     let produce = async {

@@ -178,6 +178,7 @@ impl MqttBridge {
             payload: publish.payload.to_vec(),
             subject: known.as_ref().and_then(|d| d.subject.clone()),
             encryption_key_id: None,
+            replayed_at: None,
         }
     }
 

@@ -18,6 +18,7 @@ use arrow::array::RecordBatch;
 use deltalake::datafusion::prelude::SessionContext;
 use deltalake::kernel::Transaction;
 use deltalake::kernel::transaction::CommitProperties;
+use deltalake::operations::write::SchemaMode;
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
@@ -48,6 +49,9 @@ async fn write<R: LakeRow>(
             return table
                 .write(vec![batch])
                 .with_save_mode(SaveMode::Append)
+                // A column added to the row type since the table was created (always nullable)
+                // is added to the table's schema by this commit; existing files are not rewritten.
+                .with_schema_mode(SchemaMode::Merge)
                 .with_partition_columns(R::PARTITION_COLUMNS.iter().copied())
                 .with_commit_properties(commit)
                 .await;
@@ -261,7 +265,11 @@ impl<R: LakeRow> DeltaSink<R> {
                     state.next = Some(offset + 1);
                     let row = match msg.payload() {
                         Some(payload) => match decode::<R::Record>(payload) {
-                            Ok(record) => R::from_record(record),
+                            Ok(record) => match R::from_record(record) {
+                                Some(row) => row,
+                                // Not a row of this table (e.g. a replay, for metering).
+                                None => continue,
+                            },
                             Err(e) => {
                                 self.dead_letter(&producer, p, offset, payload, &e.to_string())
                                     .await?;
@@ -480,7 +488,9 @@ mod tests {
             payload: vec![b'x'; bytes],
             subject: None,
             encryption_key_id: None,
+            replayed_at: None,
         })
+        .expect("device traffic is metered")
     }
 
     #[tokio::test(flavor = "multi_thread")]
@@ -527,6 +537,7 @@ mod tests {
                 actor: "test".into(),
                 state: Some(d),
             })
+            .expect("every registry event is a row")
         };
         let table = open_table(&lake, "devices").await.unwrap();
         let batch = DeviceState::to_batch(&[

@@ -40,6 +40,8 @@ impl From<apache_avro::Error> for AvroError {
 pub enum Source {
     Mqtt,
     Http,
+    /// A copy of a raw record re-driven by `tributary deadletter replay`.
+    Replay,
 }
 
 impl Source {
@@ -47,6 +49,7 @@ impl Source {
         match self {
             Source::Mqtt => "mqtt",
             Source::Http => "http",
+            Source::Replay => "replay",
         }
     }
 }
@@ -64,6 +67,16 @@ pub struct RawEnvelope {
     pub payload: Vec<u8>,
     pub subject: Option<String>,
     pub encryption_key_id: Option<String>,
+    /// For [`Source::Replay`]: when the copy was made (its dedup clock).
+    #[serde(default)]
+    pub replayed_at: Option<Micros>,
+}
+
+impl RawEnvelope {
+    /// The time dedup windows advance by: when this record was written to `raw`.
+    pub fn dedup_clock(&self) -> Micros {
+        self.replayed_at.unwrap_or(self.received_at)
+    }
 }
 
 /// Where a derived record came from: its raw record and its position among that record's outputs.
@@ -83,6 +96,15 @@ pub struct Reading {
     pub metric: String,
     pub value: f64,
     pub unit: Option<String>,
+    /// The value as sent, when it was converted to the canonical unit.
+    #[serde(default)]
+    pub original_value: Option<f64>,
+    /// The unit as sent, when it was converted.
+    #[serde(default)]
+    pub original_unit: Option<String>,
+    /// Behind the partition's event-time watermark by more than the tenant's allowed lateness.
+    #[serde(default)]
+    pub late: bool,
     pub event_time: Micros,
     pub ingest_time: Micros,
     pub event_id: String,
@@ -162,21 +184,32 @@ macro_rules! topic_record {
 /// Fixed schema ids of the Confluent header.
 pub struct SchemaId;
 impl SchemaId {
-    pub const RAW_ENVELOPE: u32 = 1;
-    pub const READING: u32 = 2;
+    /// `raw_envelope.v1.avsc`: before `Source::Replay` and `replayed_at`; still read.
+    pub const RAW_ENVELOPE_V1: u32 = 1;
+    /// `reading.v1.avsc`: before `original_value`, `original_unit` and `late`; still read.
+    pub const READING_V1: u32 = 2;
     pub const DEAD_LETTER: u32 = 3;
     /// `registry_event.v1.avsc`: before `Device.mqtt_password_hash`; still read.
     pub const REGISTRY_EVENT_V1: u32 = 4;
     pub const REGISTRY_EVENT: u32 = 5;
+    pub const RAW_ENVELOPE: u32 = 6;
+    pub const READING: u32 = 7;
 }
 
 topic_record!(
     RawEnvelope,
     "RawEnvelope",
     SchemaId::RAW_ENVELOPE,
-    "raw_envelope.avsc"
+    "raw_envelope.avsc",
+    earlier: [(SchemaId::RAW_ENVELOPE_V1, "raw_envelope.v1.avsc")]
 );
-topic_record!(Reading, "Reading", SchemaId::READING, "reading.avsc");
+topic_record!(
+    Reading,
+    "Reading",
+    SchemaId::READING,
+    "reading.avsc",
+    earlier: [(SchemaId::READING_V1, "reading.v1.avsc")]
+);
 topic_record!(
     DeadLetter,
     "DeadLetter",
@@ -262,6 +295,7 @@ mod tests {
             payload: br#"{"metrics":{"t":1}}"#.to_vec(),
             subject: Some("person-9".into()),
             encryption_key_id: None,
+            replayed_at: None,
         }
     }
 
@@ -282,6 +316,9 @@ mod tests {
             metric: "temperature".into(),
             value: 21.5,
             unit: Some("Cel".into()),
+            original_value: Some(70.7),
+            original_unit: Some("degF".into()),
+            late: true,
             event_time: 1,
             ingest_time: 2,
             event_id: "e".into(),
@@ -352,12 +389,69 @@ mod tests {
         );
     }
 
+    /// `record` framed as a writer of the earlier schema `(id, schema)` would have written it,
+    /// without the fields added since.
+    fn as_earlier<T: TopicRecord>(record: &T, added: &[&str]) -> Vec<u8> {
+        use apache_avro::types::Value;
+        let Value::Record(fields) = apache_avro::to_value(record).unwrap() else {
+            panic!("a record")
+        };
+        let value = Value::Record(
+            fields
+                .into_iter()
+                .filter(|(k, _)| !added.contains(&k.as_str()))
+                .collect(),
+        );
+        let (id, schema) = T::earlier_schemas()[0];
+        let mut bytes = vec![0u8];
+        bytes.extend_from_slice(&id.to_be_bytes());
+        bytes.extend(apache_avro::to_avro_datum(schema, value.resolve(schema).unwrap()).unwrap());
+        bytes
+    }
+
+    #[test]
+    fn raw_envelopes_and_readings_of_earlier_schemas_are_still_read() {
+        let e = envelope();
+        let old = as_earlier(&e, &["replayed_at"]);
+        assert_eq!(&old[1..5], &SchemaId::RAW_ENVELOPE_V1.to_be_bytes());
+        assert_eq!(decode::<RawEnvelope>(&old).unwrap(), e);
+        let r = Reading {
+            tenant: "acme".into(),
+            device: "d".into(),
+            metric: "t".into(),
+            value: 1.0,
+            unit: None,
+            original_value: None,
+            original_unit: None,
+            late: false,
+            event_time: 1,
+            ingest_time: 2,
+            event_id: "e".into(),
+            source_topic: "raw".into(),
+            source_partition: 0,
+            source_offset: 1,
+            source_index: 0,
+        };
+        let old = as_earlier(&r, &["original_value", "original_unit", "late"]);
+        assert_eq!(decode::<Reading>(&old).unwrap(), r);
+        let replay = RawEnvelope {
+            source: Source::Replay,
+            replayed_at: Some(9),
+            ..e
+        };
+        assert_eq!(
+            decode::<RawEnvelope>(&encode(&replay).unwrap()).unwrap(),
+            replay
+        );
+        assert_eq!(replay.dedup_clock(), 9);
+    }
+
     #[test]
     fn decode_refuses_wrong_schema_and_garbage() {
         let bytes = encode(&envelope()).unwrap();
         assert!(matches!(
             decode::<Reading>(&bytes),
-            Err(AvroError::WrongSchema { found: 1, .. })
+            Err(AvroError::WrongSchema { found: 6, .. })
         ));
         assert!(matches!(
             decode::<RawEnvelope>(b"{}"),

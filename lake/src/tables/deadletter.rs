@@ -17,8 +17,8 @@ impl LakeRow for DeadLetter {
     const PARTITION_COLUMNS: &'static [&'static str] = &["tenant", "day"];
     const WRITE: TableWrite = TableWrite::Append;
 
-    fn from_record(record: DeadLetter) -> Self {
-        record
+    fn from_record(record: DeadLetter) -> Option<Self> {
+        Some(record)
     }
 
     fn provenance(&self) -> Option<Provenance> {

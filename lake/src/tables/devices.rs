@@ -95,16 +95,16 @@ impl LakeRow for DeviceState {
         S.clone()
     }
 
-    fn from_record(event: RegistryEvent) -> Self {
+    fn from_record(event: RegistryEvent) -> Option<Self> {
         let state = match event.change {
             RegistryChange::Deleted => None,
             _ => event.state,
         };
-        DeviceState {
+        Some(DeviceState {
             device: event.device,
             tenant: event.tenant,
             state,
-        }
+        })
     }
 
     fn from_tombstone(key: &[u8]) -> Option<Self> {
@@ -245,7 +245,7 @@ mod tests {
             event("b", RegistryChange::Deleted, ""),
         ]
         .into_iter()
-        .map(DeviceState::from_record)
+        .filter_map(DeviceState::from_record)
         .collect();
         let batch = DeviceState::to_batch(&rows).unwrap();
         assert_eq!(batch.num_rows(), 2);

@@ -68,8 +68,8 @@ pub trait LakeRow: Sized + Send + Sync + 'static {
     const WRITE: TableWrite;
     /// The table's schema.
     fn arrow_schema() -> SchemaRef;
-    /// The row one topic record becomes.
-    fn from_record(record: Self::Record) -> Self;
+    /// The row one topic record becomes; `None` when the record is not a row of this table.
+    fn from_record(record: Self::Record) -> Option<Self>;
     /// The row a tombstone (null value) of `key` becomes, for compacted topics; `None`: the table
     /// does not expect tombstones and the sink dead-letters them.
     fn from_tombstone(_key: &[u8]) -> Option<Self> {

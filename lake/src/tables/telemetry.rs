@@ -1,9 +1,13 @@
 //! Table `telemetry`: one row per clean reading, appended, partitioned by tenant and the UTC day of
 //! its event time. Drained from topic `telemetry` (Avro `Reading`).
+//!
+//! `original_value`, `original_unit` and `late` came with the metric catalog: they are the last
+//! columns, nullable, so a table written before them gains them on its next commit (Delta schema
+//! evolution; older files read them as null).
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{Float64Builder, RecordBatch};
+use arrow::array::{BooleanArray, Float64Array, Float64Builder, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tributary_schemas::Reading;
 use tributary_schemas::avro::{Derived, Provenance};
@@ -16,8 +20,8 @@ impl LakeRow for Reading {
     const PARTITION_COLUMNS: &'static [&'static str] = &["tenant", "day"];
     const WRITE: TableWrite = TableWrite::Append;
 
-    fn from_record(record: Reading) -> Self {
-        record
+    fn from_record(record: Reading) -> Option<Self> {
+        Some(record)
     }
 
     fn provenance(&self) -> Option<Provenance> {
@@ -40,6 +44,10 @@ impl LakeRow for Reading {
                 Field::new("source_offset", DataType::Int64, false),
                 Field::new("source_index", DataType::Int32, false),
                 Field::new("day", DataType::Date32, false),
+                // Added with the metric catalog (schema evolution: nullable, appended).
+                Field::new("original_value", DataType::Float64, true),
+                Field::new("original_unit", DataType::Utf8, true),
+                Field::new("late", DataType::Boolean, true),
             ]))
         });
         S.clone()
@@ -66,6 +74,13 @@ impl LakeRow for Reading {
                 i64s(rows.iter().map(|r| r.source_offset)),
                 i32s(rows.iter().map(|r| r.source_index)),
                 days(rows.iter().map(|r| r.event_time)),
+                Arc::new(
+                    rows.iter()
+                        .map(|r| r.original_value)
+                        .collect::<Float64Array>(),
+                ),
+                strings(rows.iter().map(|r| r.original_unit.as_deref())),
+                Arc::new(rows.iter().map(|r| Some(r.late)).collect::<BooleanArray>()),
             ],
         )
     }

@@ -12,7 +12,7 @@ use std::sync::{Arc, LazyLock};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use tributary_schemas::{Micros, RawEnvelope};
+use tributary_schemas::{Micros, RawEnvelope, Source};
 
 use super::{LakeRow, MergeSpec, TableWrite, days, i64s, non_empty, strings, timestamps, ts};
 
@@ -61,13 +61,17 @@ impl LakeRow for UsageEvent {
         S.clone()
     }
 
-    fn from_record(raw: RawEnvelope) -> Self {
-        UsageEvent {
+    /// Replays (copies re-driven from the dead letters) are not device traffic: not metered.
+    fn from_record(raw: RawEnvelope) -> Option<Self> {
+        if raw.source == Source::Replay {
+            return None;
+        }
+        Some(UsageEvent {
             hour: raw.received_at.div_euclid(HOUR_MICROS) * HOUR_MICROS,
             bytes: raw.payload.len() as i64,
             tenant: raw.tenant,
             device: raw.device,
-        }
+        })
     }
 
     /// One row per (tenant, device, hour) of the batch, with its counts.
@@ -98,7 +102,6 @@ impl LakeRow for UsageEvent {
 mod tests {
     use arrow::array::AsArray;
     use arrow::datatypes::Int64Type;
-    use tributary_schemas::Source;
 
     use super::*;
 
@@ -113,6 +116,7 @@ mod tests {
             payload: payload.to_vec(),
             subject: None,
             encryption_key_id: None,
+            replayed_at: None,
         }
     }
 
@@ -124,10 +128,16 @@ mod tests {
             raw("d1", h + HOUR_MICROS - 1, b"de"),
             raw("d1", h + HOUR_MICROS, b"f"),
             raw("d2", h + 5, b"ghij"),
+            RawEnvelope {
+                source: Source::Replay,
+                replayed_at: Some(h + 9),
+                ..raw("d2", h + 5, b"ghij")
+            },
         ]
         .into_iter()
-        .map(UsageEvent::from_record)
+        .filter_map(UsageEvent::from_record)
         .collect();
+        assert_eq!(rows.len(), 4, "the replay is not metered");
         let b = UsageEvent::to_batch(&rows).unwrap();
         assert_eq!(b.num_rows(), 3);
         let device = b.column(1).as_string::<i32>();
