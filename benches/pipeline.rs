@@ -239,6 +239,7 @@ async fn bare_producer(kafka_port: u16, n: u64) -> f64 {
             subject: None,
             encryption_key_id: None,
             replayed_at: None,
+            replay_measurements: None,
         };
         let bytes = avro::encode(&envelope).expect("encode");
         loop {

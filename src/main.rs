@@ -1,13 +1,16 @@
 //! `tributary`: one binary for every stage, the device simulator and SQL.
 //!
 //! The binary owns the command line, the configuration ([`config`]), wiring stages together
-//! ([`pipeline`]), topic creation ([`admin`]), device seeding ([`devices`]) and the simulator
-//! ([`simulator`]). Stage logic lives in the crates; nothing here touches a payload.
+//! ([`pipeline`]), topic creation ([`admin`]), device seeding ([`devices`]), the simulator
+//! ([`simulator`]), dead-letter tools ([`deadletters`]) and rebuilds from `raw` ([`rebuild`]). Stage logic lives in the crates; nothing here touches a payload.
 
 mod admin;
 mod config;
+mod deadletters;
 mod devices;
 mod pipeline;
+mod progress;
+mod rebuild;
 mod simulator;
 
 use std::path::PathBuf;
@@ -67,6 +70,14 @@ enum Command {
         #[command(subcommand)]
         command: devices::DevicesCommand,
     },
+    /// Dead letters (the lake's `deadletter` table): list, show one, replay after a catalog fix.
+    Deadletter {
+        #[command(subcommand)]
+        command: deadletters::DeadLetterCommand,
+    },
+    /// Rebuild a lake table from the `raw` log into a new table; `--check` compares it with the
+    /// live one.
+    Rebuild(rebuild::RebuildArgs),
 }
 
 #[derive(Subcommand)]
@@ -140,6 +151,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Devices { command } => devices::run(&config, command).await,
+            Command::Deadletter { command } => deadletters::run(&config, command).await,
+            Command::Rebuild(args) => rebuild::run(&config, args).await,
         }
     })
 }

@@ -323,6 +323,7 @@ async fn telemetry(
             subject: device.subject.clone(),
             encryption_key_id: None,
             replayed_at: None,
+            replay_measurements: None,
         })
         .collect();
     let produce = async {

@@ -179,6 +179,7 @@ impl MqttBridge {
             subject: known.as_ref().and_then(|d| d.subject.clone()),
             encryption_key_id: None,
             replayed_at: None,
+            replay_measurements: None,
         }
     }
 

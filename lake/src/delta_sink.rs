@@ -116,6 +116,20 @@ async fn write<R: LakeRow>(
     Ok(table)
 }
 
+/// Writes `rows` into `table` the way `R`'s table takes rows (creating the table if needed), in
+/// one commit without offsets: for rebuilds of a table from its source, not for live sinks.
+pub async fn write_rows<R: LakeRow>(
+    lake: &LakeConfig,
+    table: &str,
+    rows: &[R],
+) -> Result<DeltaTable, LakeError> {
+    let handle = open_table(lake, table).await?;
+    if rows.is_empty() && handle.version().is_some() {
+        return Ok(handle);
+    }
+    Ok(write::<R>(handle, R::to_batch(rows)?, Vec::new()).await?)
+}
+
 /// Opens a table at `url`, or a handle on the empty location when no table is there yet.
 pub async fn open_table(lake: &LakeConfig, table: &str) -> Result<DeltaTable, LakeError> {
     let url = lake.table_url(table)?;
@@ -436,6 +450,7 @@ impl<R: LakeRow> DeltaSink<R> {
             source_index: 0,
             received_at: now_micros(),
             original: bytes.to_vec(),
+            measurement: None,
         };
         let encoded = avro::encode(&dl)?;
         let record = FutureRecord::to(&self.kafka.topics.deadletter)
@@ -489,6 +504,7 @@ mod tests {
             subject: None,
             encryption_key_id: None,
             replayed_at: None,
+            replay_measurements: None,
         })
         .expect("device traffic is metered")
     }

@@ -64,19 +64,31 @@ impl SqlEngine {
                 }
             }
         }
-        let mut tables = Vec::new();
+        let mut engine = Self {
+            ctx,
+            tables: Vec::new(),
+        };
         for name in names {
-            let table = open_table(lake, &name).await?;
-            if table.version().is_none() {
-                continue;
-            }
-            table.update_datafusion_session(&ctx.state())?;
-            let provider = table.table_provider().await?;
-            ctx.register_table(name.as_str(), Arc::clone(&provider))?;
-            tables.push(name);
+            engine.register(lake, &name).await?;
         }
-        tables.sort();
-        Ok(Self { ctx, tables })
+        Ok(engine)
+    }
+
+    /// Registers the lake table `name` (at its latest version) when it exists; `true` if it does.
+    pub async fn register(&mut self, lake: &LakeConfig, name: &str) -> Result<bool, QueryError> {
+        let table = open_table(lake, name).await?;
+        if table.version().is_none() {
+            return Ok(false);
+        }
+        table.update_datafusion_session(&self.ctx.state())?;
+        let provider = table.table_provider().await?;
+        self.ctx.deregister_table(name)?;
+        self.ctx.register_table(name, Arc::clone(&provider))?;
+        if !self.tables.iter().any(|t| t == name) {
+            self.tables.push(name.to_owned());
+            self.tables.sort();
+        }
+        Ok(true)
     }
 
     /// The registered tables.

@@ -70,6 +70,9 @@ pub struct RawEnvelope {
     /// For [`Source::Replay`]: when the copy was made (its dedup clock).
     #[serde(default)]
     pub replayed_at: Option<Micros>,
+    /// For [`Source::Replay`]: the measurements to re-drive; `None`: the whole message.
+    #[serde(default)]
+    pub replay_measurements: Option<Vec<i32>>,
 }
 
 impl RawEnvelope {
@@ -132,6 +135,9 @@ pub struct DeadLetter {
     pub received_at: Micros,
     #[serde(with = "apache_avro::serde_avro_bytes")]
     pub original: Vec<u8>,
+    /// The refused measurement's index in its message; `None` when the whole message was refused.
+    #[serde(default)]
+    pub measurement: Option<i32>,
 }
 
 /// A record type carried on a topic: its schema, its fixed schema id, its provenance.
@@ -188,12 +194,14 @@ impl SchemaId {
     pub const RAW_ENVELOPE_V1: u32 = 1;
     /// `reading.v1.avsc`: before `original_value`, `original_unit` and `late`; still read.
     pub const READING_V1: u32 = 2;
-    pub const DEAD_LETTER: u32 = 3;
+    pub const DEAD_LETTER: u32 = 8;
     /// `registry_event.v1.avsc`: before `Device.mqtt_password_hash`; still read.
     pub const REGISTRY_EVENT_V1: u32 = 4;
     pub const REGISTRY_EVENT: u32 = 5;
     pub const RAW_ENVELOPE: u32 = 6;
     pub const READING: u32 = 7;
+    /// `dead_letter.v1.avsc`: before `measurement`; still read.
+    pub const DEAD_LETTER_V1: u32 = 3;
 }
 
 topic_record!(
@@ -214,7 +222,8 @@ topic_record!(
     DeadLetter,
     "DeadLetter",
     SchemaId::DEAD_LETTER,
-    "dead_letter.avsc"
+    "dead_letter.avsc",
+    earlier: [(SchemaId::DEAD_LETTER_V1, "dead_letter.v1.avsc")]
 );
 
 topic_record!(
@@ -296,6 +305,7 @@ mod tests {
             subject: Some("person-9".into()),
             encryption_key_id: None,
             replayed_at: None,
+            replay_measurements: None,
         }
     }
 
@@ -342,7 +352,16 @@ mod tests {
             source_index: 0,
             received_at: 3,
             original: vec![0xff, 0x00],
+            measurement: Some(2),
         };
+        let old = as_earlier(&d, &["measurement"]);
+        assert_eq!(
+            decode::<DeadLetter>(&old).unwrap(),
+            DeadLetter {
+                measurement: None,
+                ..d.clone()
+            }
+        );
         assert_eq!(decode::<DeadLetter>(&encode(&d).unwrap()).unwrap(), d);
     }
 
@@ -412,7 +431,7 @@ mod tests {
     #[test]
     fn raw_envelopes_and_readings_of_earlier_schemas_are_still_read() {
         let e = envelope();
-        let old = as_earlier(&e, &["replayed_at"]);
+        let old = as_earlier(&e, &["replayed_at", "replay_measurements"]);
         assert_eq!(&old[1..5], &SchemaId::RAW_ENVELOPE_V1.to_be_bytes());
         assert_eq!(decode::<RawEnvelope>(&old).unwrap(), e);
         let r = Reading {
@@ -437,6 +456,7 @@ mod tests {
         let replay = RawEnvelope {
             source: Source::Replay,
             replayed_at: Some(9),
+            replay_measurements: Some(vec![0, 2]),
             ..e
         };
         assert_eq!(

@@ -1,14 +1,16 @@
 //! Kafka client settings shared by every stage, so producers and consumers agree on them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::Topics;
@@ -151,6 +153,67 @@ pub async fn delivered(delivery: DeliveryFuture) -> Result<(i32, i64), KafkaErro
         Ok(Err((e, _))) => Err(e),
         Err(_) => Err(KafkaError::Canceled),
     }
+}
+
+/// How long reading a topic "to its end" goes on after every partition reached the high watermark
+/// it had when the read began. Tansu 0.6 reports a high watermark inside the last record batch (the
+/// batch's later records exist and are served): trusting the watermark stops short.
+pub const TAIL_SETTLE: Duration = Duration::from_secs(1);
+
+/// Reads every record of `topic` (all its partitions, oldest first) that was there when the read
+/// began, handing each to `record`; returns the next offset of each partition read. Blocking: call
+/// it off the async workers.
+pub fn read_to_end(
+    reader: &BaseConsumer,
+    topic: &str,
+    mut record: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<HashMap<i32, i64>, KafkaError> {
+    let md = reader.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = HashMap::new();
+    let mut next = HashMap::new();
+    for p in partitions {
+        let (low, high) = reader.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > low {
+            remaining.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+        }
+        next.insert(p, low);
+    }
+    if remaining.is_empty() {
+        return Ok(next);
+    }
+    reader.assign(&tpl)?;
+    let mut last = Instant::now();
+    while !remaining.is_empty() || last.elapsed() < TAIL_SETTLE {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                record(&m);
+                next.insert(m.partition(), m.offset() + 1);
+                if remaining
+                    .get(&m.partition())
+                    .is_some_and(|h| m.offset() + 1 >= *h)
+                {
+                    remaining.remove(&m.partition());
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None if !remaining.is_empty() && last.elapsed() > Duration::from_secs(30) => {
+                // The watermark promised records that never came.
+                tracing::warn!(topic, partitions = ?remaining.keys().collect::<Vec<_>>(), "read idle 30 s before the high watermark; going on with what was read");
+                remaining.clear();
+            }
+            None => {}
+        }
+    }
+    Ok(next)
 }
 
 // A consumer context that records partition assignments and revocations, so a stage's loop can

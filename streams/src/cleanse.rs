@@ -87,6 +87,20 @@ pub struct Position<'a> {
     pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
+    /// The record's Kafka timestamp (µs): the receive time of records too broken to say theirs.
+    pub written_at: Micros,
+}
+
+impl<'a> Position<'a> {
+    /// Where `m` sits.
+    pub fn of(m: &'a impl Message) -> Self {
+        Self {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            written_at: m.timestamp().to_millis().unwrap_or(0).saturating_mul(1000),
+        }
+    }
 }
 
 /// What the cleanse logic keeps per raw partition; rebuilt after a restart by re-reading the
@@ -139,6 +153,7 @@ struct Rejection<'a> {
     reason: String,
     received_at: Micros,
     original: &'a [u8],
+    measurement: Option<i32>,
 }
 
 const SECOND: f64 = 1_000_000.0;
@@ -226,8 +241,9 @@ impl Cleanser {
                     rule: "bad_envelope",
                     field: None,
                     reason: format!("not a raw envelope: {e}"),
-                    received_at: now_micros(),
+                    received_at: pos.written_at,
                     original: record,
+                    measurement: None,
                 });
                 return out.out;
             }
@@ -236,10 +252,17 @@ impl Cleanser {
         let key = dedup::key(&e.tenant, &e.device, &e.event_id);
         let clock = e.dedup_clock();
         let seen = self.state(pos.partition).dedup.get(key, clock);
-        // A replay re-drives only what was rejected; anything else seen before is a duplicate.
+        // A replay re-drives what it asks for (the refused measurements) that is still refused;
+        // anything else seen before is a duplicate.
+        let requested = match (e.source, &e.replay_measurements) {
+            (Source::Replay, Some(ix)) => ix.iter().fold(0, |mask, i| {
+                mask | dedup::bit(usize::try_from(*i).unwrap_or(usize::MAX))
+            }),
+            _ => dedup::ALL,
+        };
         let redo = match (seen, e.source) {
-            (None, _) => dedup::ALL,
-            (Some(s), Source::Replay) if s.rejected != 0 => s.rejected,
+            (None, _) => requested,
+            (Some(s), Source::Replay) if s.rejected & requested != 0 => s.rejected & requested,
             (Some(_), _) => {
                 self.counts.duplicates += 1;
                 tracing::debug!(device = %e.device, event_id = %e.event_id, "duplicate dropped");
@@ -247,9 +270,10 @@ impl Cleanser {
             }
         };
         let rejected = self.cleanse(&mut out, e, redo);
+        let still_rejected = seen.map_or(0, |s| s.rejected & !redo) | rejected;
         let horizon = self.horizon;
         let state = self.state(pos.partition);
-        state.dedup.record(key, clock, rejected);
+        state.dedup.record(key, clock, still_rejected);
         state.processed += 1;
         if state.processed.is_multiple_of(65_536) {
             // Rate-of-change memory older than the horizon (behind the watermark) is let go.
@@ -262,6 +286,7 @@ impl Cleanser {
     /// Cleanses the measurements of `e` whose bit is in `redo`; returns the bits rejected.
     fn cleanse(&mut self, out: &mut Outputs<'_>, e: &RawEnvelope, redo: u64) -> u64 {
         let base = |rule: &'static str, field: Option<String>, reason: String| Rejection {
+            measurement: None,
             tenant: &e.tenant,
             device: &e.device,
             event_id: Some(&e.event_id),
@@ -321,7 +346,10 @@ impl Cleanser {
                 Ok(m) => m,
                 Err(err) => {
                     rejected |= dedup::bit(index);
-                    out.reject(base(err.rule, err.field.clone(), err.to_string()));
+                    out.reject(Rejection {
+                        measurement: Some(index as i32),
+                        ..base(err.rule, err.field.clone(), err.to_string())
+                    });
                     continue;
                 }
             };
@@ -349,7 +377,10 @@ impl Cleanser {
                 }
                 Err((rule, field, reason)) => {
                     rejected |= dedup::bit(index);
-                    out.reject(base(rule, Some(field), reason));
+                    out.reject(Rejection {
+                        measurement: Some(index as i32),
+                        ..base(rule, Some(field), reason)
+                    });
                 }
             }
         }
@@ -551,6 +582,7 @@ impl Outputs<'_> {
             source_index,
             received_at: r.received_at,
             original: r.original.to_vec(),
+            measurement: r.measurement,
         }));
     }
 }
@@ -624,12 +656,7 @@ impl CleanseStage {
                     if m.offset() >= until {
                         break;
                     }
-                    let pos = Position {
-                        topic,
-                        partition,
-                        offset: m.offset(),
-                    };
-                    cleanser.process(pos, m.payload().unwrap_or_default());
+                    cleanser.process(Position::of(&m), m.payload().unwrap_or_default());
                     read += 1;
                     if m.offset() + 1 >= until {
                         break;
@@ -726,12 +753,9 @@ impl CleanseStage {
                     }
                     warmed.insert(partition);
                 }
-                let pos = Position {
-                    topic: msg.topic(),
-                    partition,
-                    offset,
-                };
-                for output in cleanser.process(pos, msg.payload().unwrap_or_default()) {
+                for output in
+                    cleanser.process(Position::of(&msg), msg.payload().unwrap_or_default())
+                {
                     let (topic, part, key, bytes) = match &output {
                         Output::Reading(r) => {
                             readings += 1;
@@ -842,6 +866,7 @@ mod tests {
             subject: None,
             encryption_key_id: None,
             replayed_at: None,
+            replay_measurements: None,
         }
     }
 
@@ -855,6 +880,7 @@ mod tests {
             topic: "raw",
             partition: 1,
             offset,
+            written_at: T0,
         }
     }
 
@@ -1142,8 +1168,13 @@ mod tests {
             "p1",
             r#"{"metrics":{"humidity":120,"temperature":21}}"#,
         );
-        let out = c.process(pos(1), &encode(&e).unwrap());
-        assert_eq!((readings(&out).len(), dead(&out).len()), (1, 1));
+        let out_first = c.process(pos(1), &encode(&e).unwrap());
+        assert_eq!((readings(&out_first).len(), dead(&out_first).len()), (1, 1));
+        assert_eq!(
+            dead(&out_first)[0].measurement,
+            Some(0),
+            "humidity is the first"
+        );
         // The catalog is fixed: humidity up to 150.
         let mut fixed = config();
         fixed.metrics.get_mut("humidity").unwrap().max = Some(150.0);
@@ -1160,6 +1191,19 @@ mod tests {
             c2.process(pos(10), &replay).is_empty(),
             "a second replay adds nothing"
         );
+        // Long after (the dedup entry expired), a replay asking for the refused measurement
+        // re-drives that one only.
+        let mut late = c2.fresh();
+        e.replay_measurements = Some(vec![dead(&out_first)[0].measurement.unwrap()]);
+        let out = late.process(pos(12), &encode(&e).unwrap());
+        assert_eq!(
+            readings(&out)
+                .iter()
+                .map(|r| r.metric.as_str())
+                .collect::<Vec<_>>(),
+            ["humidity"]
+        );
+        e.replay_measurements = None;
         // A plain duplicate of the original adds nothing either.
         e.source = Source::Mqtt;
         e.replayed_at = None;

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{BinaryBuilder, RecordBatch};
+use arrow::array::{BinaryBuilder, Int32Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tributary_schemas::DeadLetter;
 use tributary_schemas::avro::{Derived, Provenance};
@@ -42,6 +42,8 @@ impl LakeRow for DeadLetter {
                 Field::new("received_at", ts(), false),
                 Field::new("original", DataType::Binary, false),
                 Field::new("day", DataType::Date32, false),
+                // Added for replays (schema evolution: nullable, appended).
+                Field::new("measurement", DataType::Int32, true),
             ]))
         });
         S.clone()
@@ -70,6 +72,7 @@ impl LakeRow for DeadLetter {
                 timestamps(rows.iter().map(|r| r.received_at)),
                 Arc::new(original.finish()),
                 days(rows.iter().map(|r| r.received_at)),
+                Arc::new(rows.iter().map(|r| r.measurement).collect::<Int32Array>()),
             ],
         )
     }

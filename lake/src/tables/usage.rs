@@ -117,6 +117,7 @@ mod tests {
             subject: None,
             encryption_key_id: None,
             replayed_at: None,
+            replay_measurements: None,
         }
     }
 

@@ -1,0 +1,240 @@
+//! `tributary rebuild <table>`: derive a lake table again from the `raw` log alone, into a new
+//! table, and (with `--check`) show that it holds exactly the rows the live pipeline wrote.
+//!
+//! This is the event-sourcing promise made checkable: `telemetry` and `deadletter` are the cleanse
+//! stage's outputs over `raw` (same code, same catalog, partitions in log order), `usage` is raw
+//! metering. The check compares the two tables as multisets of rows (every column), restricted for
+//! derived tables to the raw records the rebuild read.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, bail};
+use arrow::array::AsArray;
+use arrow::datatypes::Int64Type;
+use clap::{Args, ValueEnum};
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::{BorrowedMessage, Message};
+use tributary_lake::delta_sink::{open_table, write_rows};
+use tributary_lake::tables::LakeRow;
+use tributary_lake::tables::usage::UsageEvent;
+use tributary_query::SqlEngine;
+use tributary_schemas::avro::decode;
+use tributary_schemas::kafka::read_to_end;
+use tributary_schemas::{DeadLetter, RawEnvelope, Reading};
+use tributary_streams::cleanse::{Cleanser, Output, Position};
+
+use crate::config::Config;
+use crate::progress::Progress;
+
+/// The tables that can be rebuilt from `raw`.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum Rebuildable {
+    Telemetry,
+    Deadletter,
+    Usage,
+}
+
+#[derive(Args)]
+pub struct RebuildArgs {
+    #[arg(value_enum)]
+    table: Rebuildable,
+    /// The new table's name (default `<table>_rebuild`); it must not exist.
+    #[arg(long)]
+    into: Option<String>,
+    /// Then compare it with the live table and fail when they differ.
+    #[arg(long)]
+    check: bool,
+    /// Rows per Delta commit of the new table.
+    #[arg(long, default_value_t = 200_000)]
+    commit_rows: usize,
+}
+
+pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
+    match args.table {
+        Rebuildable::Telemetry => {
+            rebuild::<Reading>(config, &args, true, |c, m, rows| {
+                for o in c.process(Position::of(m), m.payload().unwrap_or_default()) {
+                    if let Output::Reading(r) = o {
+                        rows.push(r);
+                    }
+                }
+            })
+            .await
+        }
+        Rebuildable::Deadletter => {
+            rebuild::<DeadLetter>(config, &args, true, |c, m, rows| {
+                for o in c.process(Position::of(m), m.payload().unwrap_or_default()) {
+                    if let Output::DeadLetter(d) = o {
+                        rows.push(d);
+                    }
+                }
+            })
+            .await
+        }
+        Rebuildable::Usage => {
+            rebuild::<UsageEvent>(config, &args, false, |_, m, rows| {
+                if let Some(row) = m
+                    .payload()
+                    .and_then(|p| decode::<RawEnvelope>(p).ok())
+                    .and_then(UsageEvent::from_record)
+                {
+                    rows.push(row);
+                }
+            })
+            .await
+        }
+    }
+}
+
+/// Reads `raw` to its end, turning each record into rows of `R` with `derive`, and writes them into
+/// the new table; `derived`: rows carry their raw position (the check is scoped by it).
+async fn rebuild<R: LakeRow>(
+    config: &Config,
+    args: &RebuildArgs,
+    derived: bool,
+    mut derive: impl FnMut(&mut Cleanser, &BorrowedMessage<'_>, &mut Vec<R>) + Send + 'static,
+) -> anyhow::Result<()> {
+    let into = args
+        .into
+        .clone()
+        .unwrap_or_else(|| format!("{}_rebuild", R::TABLE));
+    if into == R::TABLE {
+        bail!("--into must name a new table, not the live `{into}`");
+    }
+    if open_table(&config.lake, &into).await?.version().is_some() {
+        bail!("table `{into}` exists already: remove it or pass --into <another name>");
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<R>>(2);
+    let kafka = config.kafka.clone();
+    let mut cleanser = Cleanser::new(&config.cleanse)?;
+    let commit_rows = args.commit_rows.max(1);
+    let reader = tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = kafka.reader("rebuild").create()?;
+        let mut rows = Vec::new();
+        let mut records = 0u64;
+        let mut progress = Progress::new("read raw", None);
+        let ends = read_to_end(&consumer, &kafka.topics.raw, |m| {
+            derive(&mut cleanser, m, &mut rows);
+            records += 1;
+            progress.add(1);
+            if rows.len() >= commit_rows {
+                // The writer is gone only if it failed; its error is reported below.
+                let _ = tx.blocking_send(std::mem::take(&mut rows));
+            }
+        })?;
+        let _ = tx.blocking_send(rows);
+        progress.finish();
+        anyhow::Ok((ends, records))
+    });
+    let mut written = 0usize;
+    let mut commits = 0usize;
+    while let Some(chunk) = rx.recv().await {
+        if chunk.is_empty() && commits > 0 {
+            continue;
+        }
+        write_rows::<R>(&config.lake, &into, &chunk)
+            .await
+            .with_context(|| format!("writing table `{into}`"))?;
+        written += chunk.len();
+        commits += 1;
+    }
+    let (ends, records) = reader.await.context("raw reader")??;
+    println!(
+        "rebuilt `{into}` from `{}`: {records} raw records → {written} rows in {commits} commits",
+        config.kafka.topics.raw
+    );
+    if !args.check {
+        return Ok(());
+    }
+    let scope = if derived {
+        derived_scope::<R>(&config.kafka.topics.raw, &ends)
+    } else {
+        "TRUE".to_owned()
+    };
+    let diff = compare::<R>(config, &into, &scope).await?;
+    println!(
+        "check: live `{}` ({} rows in scope) vs `{into}` ({} rows): {} distinct rows (with their copies) only in the live table, {} only in the rebuild",
+        R::TABLE,
+        diff.live,
+        diff.rebuilt,
+        diff.only_live,
+        diff.only_rebuilt
+    );
+    if diff.only_live > 0 || diff.only_rebuilt > 0 {
+        bail!("the rebuilt table differs from the live one");
+    }
+    println!("check: equal");
+    Ok(())
+}
+
+/// The live rows that came from the raw records the rebuild read.
+fn derived_scope<R: LakeRow>(raw: &str, ends: &HashMap<i32, i64>) -> String {
+    let mut ranges: Vec<String> = ends
+        .iter()
+        .map(|(p, end)| format!("(source_partition = {p} AND source_offset < {end})"))
+        .collect();
+    ranges.sort();
+    if ranges.is_empty() {
+        ranges.push("FALSE".into());
+    }
+    let stage = if R::TABLE == <DeadLetter as LakeRow>::TABLE {
+        " AND stage = 'cleanse'"
+    } else {
+        ""
+    };
+    format!(
+        "source_topic = '{}'{stage} AND ({})",
+        raw.replace('\'', "''"),
+        ranges.join(" OR ")
+    )
+}
+
+struct Difference {
+    live: i64,
+    rebuilt: i64,
+    only_live: i64,
+    only_rebuilt: i64,
+}
+
+/// Compares the live table (rows in `scope`) with `rebuilt` as multisets over every column.
+async fn compare<R: LakeRow>(
+    config: &Config,
+    rebuilt: &str,
+    scope: &str,
+) -> anyhow::Result<Difference> {
+    let mut engine = SqlEngine::over_lake(&config.lake).await?;
+    if !engine.register(&config.lake, rebuilt).await? {
+        bail!("the rebuilt table `{rebuilt}` cannot be read");
+    }
+    let live = R::TABLE;
+    let columns: Vec<String> = R::arrow_schema()
+        .fields()
+        .iter()
+        .map(|f| format!("\"{}\"", f.name()))
+        .collect();
+    let columns = columns.join(", ");
+    let counted = |table: &str, filter: &str| {
+        format!(
+            "SELECT {columns}, count(*) AS copies FROM \"{table}\" WHERE {filter} GROUP BY {columns}"
+        )
+    };
+    let count = |sql: String| {
+        let engine = &engine;
+        async move {
+            let batches = engine.query(&sql).await?;
+            anyhow::Ok(
+                batches
+                    .iter()
+                    .find(|b| b.num_rows() > 0)
+                    .map_or(0, |b| b.column(0).as_primitive::<Int64Type>().value(0)),
+            )
+        }
+    };
+    let (a, b) = (counted(live, scope), counted(rebuilt, "TRUE"));
+    Ok(Difference {
+        live: count(format!("SELECT count(*) FROM \"{live}\" WHERE {scope}")).await?,
+        rebuilt: count(format!("SELECT count(*) FROM \"{rebuilt}\"")).await?,
+        only_live: count(format!("SELECT count(*) FROM ({a} EXCEPT {b})")).await?,
+        only_rebuilt: count(format!("SELECT count(*) FROM ({b} EXCEPT {a})")).await?,
+    })
+}
