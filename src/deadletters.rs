@@ -1,8 +1,10 @@
 //! `tributary deadletter list|show|replay`: read the `deadletter` table and re-drive dead letters.
 //!
-//! A replay copies each dead letter's raw record back onto `raw` (same partition, same bytes but
-//! `source = replay` and `replayed_at`): the cleanse stage re-drives only the measurements it had
-//! rejected (its dedup state remembers them), so replaying twice adds nothing the second time.
+//! A replay copies the raw record of each *open* dead letter back onto `raw` (same partition, same
+//! bytes, but `source = replay`, `replayed_at` and the refused measurements' indexes): the cleanse
+//! stage re-drives only those measurements. A dead letter is open while no reading of its identity
+//! (tenant, device, event id, measurement) is in `telemetry`; the replay waits until its copies
+//! are cleansed into the lake, so replaying again right after re-drives only what is still refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -48,6 +50,9 @@ pub enum DeadLetterCommand {
         /// Print what would be replayed; replay nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Return once the copies are on `raw`, without waiting for them to be cleansed.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -132,9 +137,11 @@ pub async fn run(config: &Config, command: DeadLetterCommand) -> anyhow::Result<
             Ok(())
         }
         DeadLetterCommand::Show { id } => show(&engine, &id).await,
-        DeadLetterCommand::Replay { filter, dry_run } => {
-            replay(config, &engine, &filter, dry_run).await
-        }
+        DeadLetterCommand::Replay {
+            filter,
+            dry_run,
+            no_wait,
+        } => replay(config, &engine, &filter, dry_run, !no_wait).await,
     }
 }
 
@@ -173,41 +180,63 @@ async fn show(engine: &SqlEngine, id: &str) -> anyhow::Result<()> {
 /// The measurements of one raw record to re-drive; `None`: the whole message.
 type Measurements = Option<BTreeSet<i32>>;
 
-/// The raw positions of the matching, replayable dead letters: partition → offset → measurements.
-async fn positions(
+/// The matching dead letters that are still open (no reading of the same identity has landed
+/// since), one raw record per event: partition → offset → measurements.
+async fn open_dead_letters(
     engine: &SqlEngine,
     raw: &str,
     filter: &Filter,
 ) -> anyhow::Result<BTreeMap<i32, BTreeMap<i64, Measurements>>> {
     let excluded: Vec<String> = NOT_REPLAYABLE.iter().map(|r| quote(r)).collect();
+    let resolved = if engine.tables().iter().any(|t| t == "telemetry") {
+        "AND NOT EXISTS (SELECT 1 FROM telemetry t WHERE t.tenant = d.tenant \
+         AND t.device = d.device AND t.event_id = d.event_id \
+         AND (d.measurement IS NULL OR t.measurement = d.measurement))"
+    } else {
+        ""
+    };
     let sql = format!(
-        "SELECT source_partition, source_offset, measurement FROM deadletter \
-         WHERE stage = 'cleanse' AND source_topic = {} AND rule NOT IN ({}) AND {}",
+        "SELECT tenant, device, event_id, source_partition, source_offset, measurement \
+         FROM deadletter d WHERE stage = 'cleanse' AND source_topic = {} AND rule NOT IN ({}) \
+         AND {} {resolved} ORDER BY source_partition, source_offset",
         quote(raw),
         excluded.join(", "),
         filter.sql()?
     );
-    let mut out: BTreeMap<i32, BTreeMap<i64, Measurements>> = BTreeMap::new();
+    // (tenant, device, event id) → (its first raw position, measurements).
+    type Event = (String, String, String);
+    let mut events: BTreeMap<Event, ((i32, i64), Measurements)> = BTreeMap::new();
     for b in engine.query(&sql).await? {
+        let text = |c: usize, i: usize| {
+            let a = b.column(c).as_string::<i32>();
+            if a.is_null(i) {
+                String::new()
+            } else {
+                a.value(i).to_owned()
+            }
+        };
         let (p, o, m) = (
-            b.column(0).as_primitive::<Int32Type>(),
-            b.column(1).as_primitive::<Int64Type>(),
-            b.column(2).as_primitive::<Int32Type>(),
+            b.column(3).as_primitive::<Int32Type>(),
+            b.column(4).as_primitive::<Int64Type>(),
+            b.column(5).as_primitive::<Int32Type>(),
         );
         for i in 0..b.num_rows() {
-            let entry = out
-                .entry(p.value(i))
-                .or_default()
-                .entry(o.value(i))
-                .or_insert_with(|| Some(BTreeSet::new()));
-            match (entry.as_mut(), m.is_null(i)) {
+            let key = (text(0, i), text(1, i), text(2, i));
+            let entry = events
+                .entry(key)
+                .or_insert_with(|| ((p.value(i), o.value(i)), Some(BTreeSet::new())));
+            match (entry.1.as_mut(), m.is_null(i)) {
                 (Some(set), false) => {
                     set.insert(m.value(i));
                 }
                 // A dead letter of the whole message: re-drive all of it.
-                _ => *entry = None,
+                _ => entry.1 = None,
             }
         }
+    }
+    let mut out: BTreeMap<i32, BTreeMap<i64, Measurements>> = BTreeMap::new();
+    for ((p, o), measurements) in events.into_values() {
+        out.entry(p).or_default().insert(o, measurements);
     }
     Ok(out)
 }
@@ -217,9 +246,10 @@ async fn replay(
     engine: &SqlEngine,
     filter: &Filter,
     dry_run: bool,
+    wait: bool,
 ) -> anyhow::Result<()> {
     let raw = config.kafka.topics.raw.clone();
-    let wanted = positions(engine, &raw, filter).await?;
+    let wanted = open_dead_letters(engine, &raw, filter).await?;
     let total: usize = wanted.values().map(BTreeMap::len).sum();
     let skipped: usize = count(
         engine,
@@ -240,6 +270,10 @@ async fn replay(
             NOT_REPLAYABLE.join(", ")
         );
     }
+    if total == 0 {
+        println!("nothing to replay: no open dead letter matches");
+        return Ok(());
+    }
     if dry_run {
         println!("would replay {total} raw records");
         return Ok(());
@@ -254,7 +288,6 @@ async fn replay(
         .producer("tributary-deadletter-replay")
         .create()
         .context("kafka producer")?;
-    let mut progress = Progress::new("replay", Some(records.len() as u64));
     let mut deliveries = Vec::with_capacity(records.len());
     let replayed_at = now_micros();
     for (partition, bytes, measurements) in &records {
@@ -267,16 +300,94 @@ async fn replay(
             kafka::enqueue(&producer, &raw, Some(*partition), &envelope.device, &copy).await?,
         );
     }
+    let mut copies: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
     for d in deliveries {
-        kafka::delivered(d).await?;
-        progress.add(1);
+        let (p, o) = kafka::delivered(d).await?;
+        copies.entry(p).or_default().push(o);
     }
-    progress.finish();
     println!(
         "replayed {} raw records onto `{raw}` ({} of them not found in `{raw}`)",
         records.len(),
         total - records.len()
     );
+    if wait {
+        landed(config, &raw, &copies).await?;
+    }
+    Ok(())
+}
+
+/// Waits until every replayed copy has been cleansed into the lake; prints what became of them.
+async fn landed(
+    config: &Config,
+    raw: &str,
+    copies: &BTreeMap<i32, Vec<i64>>,
+) -> anyhow::Result<()> {
+    let total: usize = copies.values().map(Vec::len).sum();
+    let positions: Vec<String> = copies
+        .iter()
+        .map(|(p, offsets)| {
+            let list: Vec<String> = offsets.iter().map(i64::to_string).collect();
+            format!(
+                "(source_partition = {p} AND source_offset IN ({}))",
+                list.join(", ")
+            )
+        })
+        .collect();
+    let scope = format!(
+        "source_topic = {} AND ({})",
+        quote(raw),
+        positions.join(" OR ")
+    );
+    let mut progress = Progress::new("cleansed", Some(total as u64));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut done, mut readings, mut dead) = (0usize, 0usize, 0usize);
+    while Instant::now() < deadline {
+        let engine = SqlEngine::over_lake(&config.lake).await?;
+        let from = |table: &str| {
+            if engine.tables().iter().any(|t| t == table) {
+                format!("SELECT source_partition, source_offset FROM {table} WHERE {scope}")
+            } else {
+                "SELECT CAST(0 AS INT) AS source_partition, CAST(0 AS BIGINT) AS source_offset \
+                 WHERE FALSE"
+                    .to_owned()
+            }
+        };
+        let seen = count(
+            &engine,
+            &format!(
+                "SELECT count(*) FROM (SELECT DISTINCT source_partition, source_offset FROM ({} UNION ALL {}))",
+                from("telemetry"),
+                from("deadletter")
+            ),
+        )
+        .await?;
+        readings = count(
+            &engine,
+            &format!("SELECT count(*) FROM ({})", from("telemetry")),
+        )
+        .await?;
+        dead = count(
+            &engine,
+            &format!("SELECT count(*) FROM ({})", from("deadletter")),
+        )
+        .await?;
+        progress.add(seen.saturating_sub(done) as u64);
+        done = seen;
+        if done >= total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    progress.finish();
+    println!(
+        "cleansed {done} of {total} replayed records: {readings} readings landed, {dead} dead letters again"
+    );
+    if done < total {
+        bail!(
+            "{} replayed records were not in the lake after 5 minutes (is `tributary run cleanse lake` running?)",
+            total - done
+        );
+    }
     Ok(())
 }
 

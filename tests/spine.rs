@@ -6,26 +6,7 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use serde_json::{Value, json};
-use support::{Stack, kill, mqtt_publish, summary};
-
-fn post(url: &str, token: &str, content_type: &str, body: &str) -> (u16, Value) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let r = reqwest::Client::new()
-            .post(url)
-            .bearer_auth(token)
-            .header("content-type", content_type)
-            .body(body.to_owned())
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        (status, r.json::<Value>().await.unwrap_or(Value::Null))
-    })
-}
+use support::{Stack, kill, mqtt_publish, post, summary};
 
 #[test]
 fn devices_to_sql_end_to_end() {

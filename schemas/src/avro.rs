@@ -115,6 +115,10 @@ pub struct Reading {
     pub source_partition: i32,
     pub source_offset: i64,
     pub source_index: i32,
+    /// The measurement's index in its message (as [`DeadLetter::measurement`]); with (tenant,
+    /// device, event id) the reading's identity.
+    #[serde(default)]
+    pub measurement: Option<i32>,
 }
 
 /// Topic `deadletter`: a rejected input with the rule, reason and provenance. Schema:
@@ -336,6 +340,7 @@ mod tests {
             source_partition: 2,
             source_offset: 77,
             source_index: 1,
+            measurement: Some(1),
         };
         assert_eq!(decode::<Reading>(&encode(&r).unwrap()).unwrap(), r);
         let d = DeadLetter {
@@ -450,8 +455,12 @@ mod tests {
             source_partition: 0,
             source_offset: 1,
             source_index: 0,
+            measurement: None,
         };
-        let old = as_earlier(&r, &["original_value", "original_unit", "late"]);
+        let old = as_earlier(
+            &r,
+            &["original_value", "original_unit", "late", "measurement"],
+        );
         assert_eq!(decode::<Reading>(&old).unwrap(), r);
         let replay = RawEnvelope {
             source: Source::Replay,

@@ -166,25 +166,58 @@ pub const TAIL_SETTLE: Duration = Duration::from_secs(1);
 pub fn read_to_end(
     reader: &BaseConsumer,
     topic: &str,
-    mut record: impl FnMut(&BorrowedMessage<'_>),
+    record: impl FnMut(&BorrowedMessage<'_>),
 ) -> Result<HashMap<i32, i64>, KafkaError> {
     let md = reader.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic)
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let mut starts = Vec::new();
+    for t in md.topics().iter().filter(|t| t.name() == topic) {
+        for p in t.partitions() {
+            let (low, _) = reader.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+            starts.push((p.id(), low));
+        }
+    }
+    read_from(reader, topic, &starts, record)
+}
+
+/// The first offset of `partition` with a timestamp at or after `since_ms` (the high watermark
+/// when there is none).
+pub fn offset_at_time(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    since_ms: i64,
+) -> Result<i64, KafkaError> {
+    let (low, high) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    let mut query = TopicPartitionList::new();
+    query.add_partition_offset(topic, partition, Offset::Offset(since_ms))?;
+    let found = reader.offsets_for_times(query, Duration::from_secs(10))?;
+    Ok(
+        match found.find_partition(topic, partition).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o.max(low),
+            _ => high,
+        },
+    )
+}
+
+/// Reads `topic` from each `(partition, offset)` of `starts` to the end it had when the read
+/// began (see [`TAIL_SETTLE`]), handing each record to `record`; returns the next offset of each
+/// partition. Blocking.
+pub fn read_from(
+    reader: &BaseConsumer,
+    topic: &str,
+    starts: &[(i32, i64)],
+    mut record: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<HashMap<i32, i64>, KafkaError> {
     let mut tpl = TopicPartitionList::new();
     let mut remaining = HashMap::new();
     let mut next = HashMap::new();
-    for p in partitions {
-        let (low, high) = reader.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        if high > low {
+    for &(p, from) in starts {
+        let (_, high) = reader.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > from {
             remaining.insert(p, high);
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
+            tpl.add_partition_offset(topic, p, Offset::Offset(from))?;
         }
-        next.insert(p, low);
+        next.insert(p, from);
     }
     if remaining.is_empty() {
         return Ok(next);
@@ -214,6 +247,44 @@ pub fn read_to_end(
         }
     }
     Ok(next)
+}
+
+/// Reads the records of one partition in `[from, until)` (offsets known to exist, e.g. below a
+/// committed offset), handing each to `record`; returns how many were read. Blocking.
+pub fn read_range(
+    reader: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    until: i64,
+    mut record: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<u64, KafkaError> {
+    if from >= until {
+        return Ok(0);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
+    reader.assign(&tpl)?;
+    let mut read = 0;
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(60) {
+        match reader.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                last = Instant::now();
+                if m.offset() >= until {
+                    break;
+                }
+                record(&m);
+                read += 1;
+                if m.offset() + 1 >= until {
+                    break;
+                }
+            }
+            Some(Err(e)) => return Err(e),
+            None => {}
+        }
+    }
+    Ok(read)
 }
 
 // A consumer context that records partition assignments and revocations, so a stage's loop can

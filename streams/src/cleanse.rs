@@ -227,6 +227,22 @@ impl Cleanser {
 
     /// Cleanses one raw record.
     pub fn process(&mut self, pos: Position<'_>, record: &[u8]) -> Vec<Output> {
+        self.process_with(pos, record, None)
+    }
+
+    /// Brings the state up to date with a record cleansed before (warm-up), given the measurements
+    /// refused then ([`dedup::bit`]s, from its dead letters): the catalog may have changed since,
+    /// and replays must see what was refused, not what would be now.
+    pub fn recall(&mut self, pos: Position<'_>, record: &[u8], refused: u64) {
+        self.process_with(pos, record, Some(refused));
+    }
+
+    fn process_with(
+        &mut self,
+        pos: Position<'_>,
+        record: &[u8],
+        refused: Option<u64>,
+    ) -> Vec<Output> {
         let mut out = Outputs {
             pos,
             out: Vec::new(),
@@ -252,28 +268,36 @@ impl Cleanser {
         let key = dedup::key(&e.tenant, &e.device, &e.event_id);
         let clock = e.dedup_clock();
         let seen = self.state(pos.partition).dedup.get(key, clock);
-        // A replay re-drives what it asks for (the refused measurements) that is still refused;
-        // anything else seen before is a duplicate.
-        let requested = match (e.source, &e.replay_measurements) {
-            (Source::Replay, Some(ix)) => ix.iter().fold(0, |mask, i| {
-                mask | dedup::bit(usize::try_from(*i).unwrap_or(usize::MAX))
-            }),
-            _ => dedup::ALL,
+        // A replay names the measurements it re-drives (those refused; all when it names none);
+        // of those, only the ones still refused here go again. Anything else seen is a duplicate.
+        let (indexes, requested) = match (e.source, &e.replay_measurements) {
+            (Source::Replay, Some(ix)) => (
+                Some(ix.as_slice()),
+                ix.iter().fold(0, |mask, i| {
+                    mask | dedup::bit(usize::try_from(*i).unwrap_or(usize::MAX))
+                }),
+            ),
+            _ => (None, dedup::ALL),
         };
-        let redo = match (seen, e.source) {
+        let mask = match (seen, e.source) {
             (None, _) => requested,
-            (Some(s), Source::Replay) if s.rejected & requested != 0 => s.rejected & requested,
-            (Some(_), _) => {
-                self.counts.duplicates += 1;
-                tracing::debug!(device = %e.device, event_id = %e.event_id, "duplicate dropped");
-                return out.out;
-            }
+            (Some(s), Source::Replay) => s.rejected & requested,
+            (Some(_), _) => 0,
         };
-        let rejected = self.cleanse(&mut out, e, redo);
-        let still_rejected = seen.map_or(0, |s| s.rejected & !redo) | rejected;
+        if mask == 0 {
+            self.counts.duplicates += 1;
+            tracing::debug!(device = %e.device, event_id = %e.event_id, "duplicate dropped");
+            return out.out;
+        }
+        let refused_now = self.cleanse(&mut out, e, Redo { indexes, mask });
+        // What was really refused (warm-up knows it from the dead letters written then).
+        let refused_now = refused.unwrap_or(refused_now);
+        let still_refused = seen.map_or(0, |s| s.rejected & !mask) | refused_now;
+        self.state(pos.partition)
+            .dedup
+            .record(key, clock, still_refused);
         let horizon = self.horizon;
         let state = self.state(pos.partition);
-        state.dedup.record(key, clock, still_rejected);
         state.processed += 1;
         if state.processed.is_multiple_of(65_536) {
             // Rate-of-change memory older than the horizon (behind the watermark) is let go.
@@ -283,8 +307,8 @@ impl Cleanser {
         out.out
     }
 
-    /// Cleanses the measurements of `e` whose bit is in `redo`; returns the bits rejected.
-    fn cleanse(&mut self, out: &mut Outputs<'_>, e: &RawEnvelope, redo: u64) -> u64 {
+    /// Cleanses the measurements of `e` that `redo` selects; returns the refused ones' bits.
+    fn cleanse(&mut self, out: &mut Outputs<'_>, e: &RawEnvelope, redo: Redo<'_>) -> u64 {
         let base = |rule: &'static str, field: Option<String>, reason: String| Rejection {
             measurement: None,
             tenant: &e.tenant,
@@ -337,15 +361,15 @@ impl Cleanser {
         // Lateness is judged against the watermark before this message, so the readings of one
         // batch do not make each other late.
         let watermark = state.watermark;
-        let mut rejected = 0u64;
+        let mut refused = 0u64;
         for (index, m) in message.measurements.into_iter().enumerate() {
-            if redo & dedup::bit(index) == 0 {
+            if !redo.selects(index) {
                 continue;
             }
             let m = match m {
                 Ok(m) => m,
                 Err(err) => {
-                    rejected |= dedup::bit(index);
+                    refused |= dedup::bit(index);
                     out.reject(Rejection {
                         measurement: Some(index as i32),
                         ..base(err.rule, err.field.clone(), err.to_string())
@@ -372,11 +396,12 @@ impl Cleanser {
                         source_partition: out.pos.partition,
                         source_offset: out.pos.offset,
                         source_index,
+                        measurement: Some(index as i32),
                         ..reading
                     }));
                 }
                 Err((rule, field, reason)) => {
-                    rejected |= dedup::bit(index);
+                    refused |= dedup::bit(index);
                     out.reject(Rejection {
                         measurement: Some(index as i32),
                         ..base(rule, Some(field), reason)
@@ -384,7 +409,23 @@ impl Cleanser {
                 }
             }
         }
-        rejected
+        refused
+    }
+}
+
+/// Which measurements of a message to cleanse.
+#[derive(Clone, Copy)]
+struct Redo<'a> {
+    /// The indexes a replay names (`None`: every index).
+    indexes: Option<&'a [i32]>,
+    /// [`dedup::bit`]s still to do.
+    mask: u64,
+}
+
+impl Redo<'_> {
+    fn selects(&self, index: usize) -> bool {
+        self.mask & dedup::bit(index) != 0
+            && self.indexes.is_none_or(|ix| ix.contains(&(index as i32)))
     }
 }
 
@@ -552,6 +593,7 @@ fn check(
         source_partition: 0,
         source_offset: 0,
         source_index: 0,
+        measurement: None,
     })
 }
 
@@ -619,61 +661,59 @@ impl CleanseStage {
     }
 
     /// Rebuilds a partition's state (dedup window, watermark, rate memory) by cleansing again,
-    /// outputs discarded, the raw records before `until` within the horizon.
+    /// outputs discarded, the raw records before `until` within the horizon, with what was
+    /// refused then taken from the dead letters written then (the catalog may have changed).
     fn warm_up(
         kafka: &KafkaConfig,
-        topic: &str,
         partition: i32,
+        deadletter_parts: i32,
         until: i64,
         mut cleanser: Cleanser,
         horizon: Micros,
     ) -> Result<Option<PartitionState>, StreamError> {
+        let topics = &kafka.topics;
         let reader: BaseConsumer = kafka
             .reader(&format!("cleanse-warmup-{partition}"))
             .create()?;
-        let (low, _) = reader.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
-        let mut start = low;
-        let since = (now_micros() - horizon) / 1000;
-        let mut query = TopicPartitionList::new();
-        query.add_partition_offset(topic, partition, Offset::Offset(since))?;
-        if let Ok(found) = reader.offsets_for_times(query, Duration::from_secs(10))
-            && let Some(Offset::Offset(o)) =
-                found.find_partition(topic, partition).map(|e| e.offset())
-        {
-            start = start.max(o);
-        }
+        let since_ms = (now_micros() - horizon) / 1000;
+        let start = kafka::offset_at_time(&reader, &topics.raw, partition, since_ms)?;
         if start >= until {
             return Ok(None);
         }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
-        reader.assign(&tpl)?;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let mut read = 0u64;
-        while Instant::now() < deadline {
-            match reader.poll(Duration::from_millis(500)) {
-                Some(Ok(m)) => {
-                    if m.offset() >= until {
-                        break;
-                    }
-                    cleanser.process(Position::of(&m), m.payload().unwrap_or_default());
-                    read += 1;
-                    if m.offset() + 1 >= until {
-                        break;
-                    }
-                }
-                Some(Err(e)) => return Err(StreamError::Kafka(e)),
-                None => {}
+        // Raw offset → refused measurements, from this partition's dead letters.
+        let mut refused: HashMap<i64, u64> = HashMap::new();
+        let q = partition % deadletter_parts;
+        let from = kafka::offset_at_time(&reader, &topics.deadletter, q, since_ms)?;
+        kafka::read_from(&reader, &topics.deadletter, &[(q, from)], |m| {
+            if let Some(d) = m.payload().and_then(|p| decode::<DeadLetter>(p).ok())
+                && d.stage == STAGE
+                && d.source_topic == topics.raw
+                && d.source_partition == partition
+                && (start..until).contains(&d.source_offset)
+            {
+                let bits = d.measurement.map_or(dedup::ALL, |i| {
+                    dedup::bit(usize::try_from(i).unwrap_or(usize::MAX))
+                });
+                *refused.entry(d.source_offset).or_default() |= bits;
             }
-        }
+        })?;
+        let read = kafka::read_range(&reader, &topics.raw, partition, start, until, |m| {
+            let was_refused = refused.get(&m.offset()).copied().unwrap_or(0);
+            cleanser.recall(
+                Position::of(m),
+                m.payload().unwrap_or_default(),
+                was_refused,
+            );
+        })?;
         let state = cleanser.take(partition);
         tracing::info!(
             partition,
             from = start,
             until,
             read,
+            refused = refused.len(),
             entries = state.as_ref().map_or(0, |s| s.dedup.len()),
-            "cleanse state rebuilt from raw"
+            "cleanse state rebuilt from raw and its dead letters"
         );
         Ok(state)
     }
@@ -741,10 +781,9 @@ impl CleanseStage {
                 let offset = msg.offset();
                 if !warmed.contains(&partition) {
                     let kafka = self.kafka.clone();
-                    let topic = topics.raw.clone();
                     let fresh = cleanser.fresh();
                     let state = tokio::task::spawn_blocking(move || {
-                        Self::warm_up(&kafka, &topic, partition, offset, fresh, horizon)
+                        Self::warm_up(&kafka, partition, deadletter_parts, offset, fresh, horizon)
                     })
                     .await
                     .map_err(|e| StreamError::WarmUp(e.to_string()))??;
@@ -1160,7 +1199,7 @@ mod tests {
     }
 
     #[test]
-    fn replays_redrive_only_what_was_rejected_once() {
+    fn replays_redrive_only_what_is_still_refused() {
         let mut c = cleanser();
         let mut e = envelope(
             "acme",
@@ -1168,34 +1207,49 @@ mod tests {
             "p1",
             r#"{"metrics":{"humidity":120,"temperature":21}}"#,
         );
-        let out_first = c.process(pos(1), &encode(&e).unwrap());
-        assert_eq!((readings(&out_first).len(), dead(&out_first).len()), (1, 1));
-        assert_eq!(
-            dead(&out_first)[0].measurement,
-            Some(0),
-            "humidity is the first"
-        );
-        // The catalog is fixed: humidity up to 150.
+        let original = encode(&e).unwrap();
+        let first = c.process(pos(1), &original);
+        assert_eq!((readings(&first).len(), dead(&first).len()), (1, 1));
+        let refused = dead(&first)[0].measurement;
+        assert_eq!(refused, Some(0), "humidity is read first");
+        assert_eq!(readings(&first)[0].measurement, Some(1));
+
+        // The catalog is fixed (humidity up to 150) and the stage restarted: its state is
+        // rebuilt from raw under the new catalog, but with what was refused *then*.
         let mut fixed = config();
         fixed.metrics.get_mut("humidity").unwrap().max = Some(150.0);
+        let mut warm = Cleanser::new(&fixed).unwrap();
+        warm.recall(pos(1), &original, dedup::bit(0));
         let mut c2 = Cleanser::new(&fixed).unwrap();
-        c2.install(1, c.take(1).unwrap());
+        c2.install(1, warm.take(1).unwrap());
+
         e.source = Source::Replay;
         e.replayed_at = Some(T0 + HOUR / 2);
+        e.replay_measurements = refused.map(|m| vec![m]);
         let replay = encode(&e).unwrap();
         let out = c2.process(pos(9), &replay);
         let r = readings(&out);
-        assert_eq!(r.len(), 1, "only the rejected measurement: {out:?}");
-        assert_eq!((r[0].metric.as_str(), r[0].value), ("humidity", 120.0));
+        assert_eq!(r.len(), 1, "only the refused measurement: {out:?}");
+        assert_eq!(
+            (r[0].metric.as_str(), r[0].value, r[0].measurement),
+            ("humidity", 120.0, Some(0))
+        );
         assert!(
             c2.process(pos(10), &replay).is_empty(),
             "a second replay adds nothing"
         );
-        // Long after (the dedup entry expired), a replay asking for the refused measurement
-        // re-drives that one only.
-        let mut late = c2.fresh();
-        e.replay_measurements = Some(vec![dead(&out_first)[0].measurement.unwrap()]);
-        let out = late.process(pos(12), &encode(&e).unwrap());
+        // A plain duplicate of the original adds nothing either.
+        assert!(c2.process(pos(11), &original).is_empty());
+
+        // Rebuilt from the start under the fixed catalog: the original is accepted whole and the
+        // replay finds nothing left to do.
+        let mut rebuilt = Cleanser::new(&fixed).unwrap();
+        assert_eq!(readings(&rebuilt.process(pos(1), &original)).len(), 2);
+        assert!(rebuilt.process(pos(9), &replay).is_empty());
+
+        // Long after (the original forgotten), a replay still re-drives only what it names.
+        let mut later = Cleanser::new(&fixed).unwrap();
+        let out = later.process(pos(12), &replay);
         assert_eq!(
             readings(&out)
                 .iter()
@@ -1203,11 +1257,6 @@ mod tests {
                 .collect::<Vec<_>>(),
             ["humidity"]
         );
-        e.replay_measurements = None;
-        // A plain duplicate of the original adds nothing either.
-        e.source = Source::Mqtt;
-        e.replayed_at = None;
-        assert!(c2.process(pos(11), &encode(&e).unwrap()).is_empty());
     }
 
     #[test]

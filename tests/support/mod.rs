@@ -518,6 +518,26 @@ pub fn kill_9_while_landing(stack: &Stack, child: &mut Child) {
     let _ = child.wait();
 }
 
+/// POSTs `body` with a bearer token; returns the status and the JSON answer (null if none).
+pub fn post(url: &str, token: &str, content_type: &str, body: &str) -> (u16, Value) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = reqwest::Client::new()
+            .post(url)
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+    })
+}
+
 /// Stops a child for good.
 pub fn kill(child: &mut Child) {
     let _ = child.kill();

@@ -1,13 +1,13 @@
 //! Table `telemetry`: one row per clean reading, appended, partitioned by tenant and the UTC day of
 //! its event time. Drained from topic `telemetry` (Avro `Reading`).
 //!
-//! `original_value`, `original_unit` and `late` came with the metric catalog: they are the last
+//! `original_value`, `original_unit`, `late` and `measurement` came with the metric catalog: they are the last
 //! columns, nullable, so a table written before them gains them on its next commit (Delta schema
 //! evolution; older files read them as null).
 
 use std::sync::{Arc, LazyLock};
 
-use arrow::array::{BooleanArray, Float64Array, Float64Builder, RecordBatch};
+use arrow::array::{BooleanArray, Float64Array, Float64Builder, Int32Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tributary_schemas::Reading;
 use tributary_schemas::avro::{Derived, Provenance};
@@ -48,6 +48,7 @@ impl LakeRow for Reading {
                 Field::new("original_value", DataType::Float64, true),
                 Field::new("original_unit", DataType::Utf8, true),
                 Field::new("late", DataType::Boolean, true),
+                Field::new("measurement", DataType::Int32, true),
             ]))
         });
         S.clone()
@@ -81,6 +82,7 @@ impl LakeRow for Reading {
                 ),
                 strings(rows.iter().map(|r| r.original_unit.as_deref())),
                 Arc::new(rows.iter().map(|r| Some(r.late)).collect::<BooleanArray>()),
+                Arc::new(rows.iter().map(|r| r.measurement).collect::<Int32Array>()),
             ],
         )
     }
