@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Int32Type, Int64Type};
+use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use arrow::datatypes::{DataType, Int32Type, Int64Type};
 use clap::{Args, Subcommand};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -162,6 +162,8 @@ async fn show(engine: &SqlEngine, id: &str) -> anyhow::Result<()> {
     for (i, field) in fields.fields().iter().enumerate() {
         let column = batch.column(i);
         let value = if field.name() == "original" {
+            // Delta readers may hand binary back as a view or large array.
+            let column = arrow::compute::cast(column, &DataType::Binary)?;
             let bytes = column.as_binary::<i32>().value(0);
             match std::str::from_utf8(bytes) {
                 Ok(text) => text.to_owned(),
@@ -207,8 +209,11 @@ async fn open_dead_letters(
     type Event = (String, String, String);
     let mut events: BTreeMap<Event, ((i32, i64), Measurements)> = BTreeMap::new();
     for b in engine.query(&sql).await? {
+        let strings: Vec<ArrayRef> = (0..3)
+            .map(|c| arrow::compute::cast(b.column(c), &DataType::Utf8))
+            .collect::<Result<_, _>>()?;
         let text = |c: usize, i: usize| {
-            let a = b.column(c).as_string::<i32>();
+            let a = strings[c].as_string::<i32>();
             if a.is_null(i) {
                 String::new()
             } else {
