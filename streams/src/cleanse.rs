@@ -38,7 +38,7 @@ pub const STAGE: &str = "cleanse";
 pub struct CleanseConfig {
     /// Events with the same (tenant, device, event id) within this many seconds are duplicates.
     pub dedup_horizon_secs: u64,
-    /// Most messages one raw partition's dedup window holds (≈ 60 bytes each); beyond, the oldest
+    /// Most messages one raw partition's dedup window holds (≈ 95 bytes each); beyond, the oldest
     /// are forgotten before the horizon (logged).
     pub dedup_max_entries: usize,
     /// Most raw records processed before outputs are awaited and offsets committed.
