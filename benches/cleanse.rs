@@ -36,7 +36,10 @@ fn records(messages: usize, devices: usize) -> Vec<Vec<u8>> {
         let temperature = if i % 101 == 0 {
             "\"hot\"".to_owned()
         } else {
-            format!("{{\"value\": {:.2}, \"unit\": \"degF\"}}", 68.0 + (i % 10) as f64)
+            format!(
+                "{{\"value\": {:.2}, \"unit\": \"degF\"}}",
+                68.0 + (i % 10) as f64
+            )
         };
         let payload = format!(
             r#"{{"id":"m-{d}-{n}","time":{time},"metrics":{{"temperature":{temperature},"humidity":{{"value":{:.1},"unit":"%RH"}},"battery_voltage":{{"value":3.61,"unit":"V"}}}}}}"#,

@@ -120,6 +120,8 @@ impl Config {
             ("kafka.topics.raw", &self.kafka.topics.raw),
             ("kafka.topics.telemetry", &self.kafka.topics.telemetry),
             ("kafka.topics.deadletter", &self.kafka.topics.deadletter),
+            ("kafka.topics.registry", &self.kafka.topics.registry),
+            ("kafka.topics.catalog", &self.kafka.topics.catalog),
         ] {
             if name.is_empty()
                 || !name

@@ -9,6 +9,7 @@
 //! admins ─HTTP─▶ http (/v1/devices…) ─▶ registry ─┬─▶ the registry view of http and mqtt (and
 //!                                                 │   Mosquitto's password file)
 //!                                                 └─▶ lake (Delta table `devices`)
+//! admins ─HTTP─▶ http (/v1/tenants/{t}/catalog) ─▶ catalog ─▶ the metric catalog of cleanse
 //! ```
 
 use std::sync::Arc;
@@ -26,9 +27,11 @@ use tributary_lake::tables::LakeRow;
 use tributary_lake::tables::devices::DeviceState;
 use tributary_lake::tables::usage::UsageEvent;
 use tributary_registry::api::RegistryApi;
+use tributary_registry::catalog::CatalogWriter;
 use tributary_registry::follower;
 use tributary_registry::self_registration::SelfRegistration;
 use tributary_registry::writer::RegistryWriter;
+use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::cleanse::CleanseStage;
@@ -68,6 +71,17 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
     });
     tracing::info!(stages = ?stage.0, "starting");
     let mut tasks: JoinSet<anyhow::Result<&'static str>> = JoinSet::new();
+    // Tenants' catalogs set through the API: the admin API (http) and cleanse read them.
+    let catalogs = Arc::new(CatalogOverrides::default());
+    if stage.includes(Stage::Http) || stage.includes(Stage::Cleanse) {
+        let follower = follower::follow_catalog(&config.kafka, catalogs.clone())
+            .await
+            .context("loading the tenants' catalogs from their topic")?;
+        tasks.spawn(async move {
+            follower.await?;
+            Ok("catalog follower")
+        });
+    }
     if stage.includes(Stage::Http) || stage.includes(Stage::Mqtt) {
         // Ingest authenticates devices and stamps their tenant: it needs the whole registry first.
         let registry = Arc::new(DeviceRegistry::new());
@@ -93,7 +107,16 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
         let producer = Arc::new(RawProducer::new(&config.kafka, "tributary-ingest")?);
         if stage.includes(Stage::Http) {
             let writer = Arc::new(RegistryWriter::new(&config.kafka, registry.clone())?);
-            let admin = RegistryApi::new(writer.clone(), config.registry.admin_token.as_deref());
+            let catalog = Arc::new(CatalogWriter::new(
+                &config.kafka,
+                config.cleanse.catalog_base(),
+                catalogs.clone(),
+            )?);
+            let admin = RegistryApi::new(
+                writer.clone(),
+                catalog,
+                config.registry.admin_token.as_deref(),
+            );
             let mut http = HttpIngest::new(config.http.clone(), registry.clone(), producer.clone())
                 .with_admin(&admin);
             if !config.registry.tenant_keys.is_empty() {
@@ -121,6 +144,7 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
         let cleanse = Arc::new(CleanseStage::new(
             config.kafka.clone(),
             config.cleanse.clone(),
+            catalogs.clone(),
         ));
         supervise(&mut tasks, "cleanse", move || {
             let cleanse = cleanse.clone();

@@ -7,6 +7,7 @@
 //! derived tables to the raw records the rebuild read.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use arrow::array::AsArray;
@@ -18,7 +19,9 @@ use tributary_lake::delta_sink::{open_table, write_rows};
 use tributary_lake::tables::LakeRow;
 use tributary_lake::tables::usage::UsageEvent;
 use tributary_query::SqlEngine;
+use tributary_registry::follower;
 use tributary_schemas::avro::decode;
+use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::kafka::read_to_end;
 use tributary_schemas::{DeadLetter, RawEnvelope, Reading};
 use tributary_streams::cleanse::{Cleanser, Output, Position};
@@ -106,7 +109,17 @@ async fn rebuild<R: LakeRow>(
     }
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<R>>(2);
     let kafka = config.kafka.clone();
+    // Today's catalog: the file's, with the tenants' API entries over it.
+    let overrides = Arc::new(CatalogOverrides::default());
+    let follower = follower::follow_catalog(&config.kafka, overrides.clone()).await?;
+    follower.abort();
     let mut cleanser = Cleanser::new(&config.cleanse)?;
+    cleanser.set_catalog(
+        config
+            .cleanse
+            .catalog_base()
+            .compile(&overrides.snapshot())?,
+    );
     let commit_rows = args.commit_rows.max(1);
     let reader = tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = kafka.reader("rebuild").create()?;

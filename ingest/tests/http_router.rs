@@ -15,7 +15,9 @@ use tower::ServiceExt;
 use tributary_ingest::http::{HttpConfig, HttpIngest, OPENAPI};
 use tributary_ingest::producer::RawProducer;
 use tributary_registry::api::RegistryApi;
+use tributary_registry::catalog::CatalogWriter;
 use tributary_registry::writer::RegistryWriter;
+use tributary_schemas::catalog::CatalogBase;
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::registry::{Device, DeviceRegistry, token_hash};
 
@@ -34,7 +36,10 @@ fn router(config: HttpConfig) -> axum::Router {
     .expect("registry");
     let registry = Arc::new(registry);
     let writer = Arc::new(RegistryWriter::new(&kafka, registry.clone()).expect("writer"));
-    let admin = RegistryApi::new(writer, Some("admin-secret"));
+    let catalog = Arc::new(
+        CatalogWriter::new(&kafka, CatalogBase::default(), Default::default()).expect("writer"),
+    );
+    let admin = RegistryApi::new(writer, catalog, Some("admin-secret"));
     HttpIngest::new(config, registry, producer)
         .with_admin(&admin)
         .router()
@@ -91,6 +96,7 @@ async fn openapi_document_describes_exactly_the_served_routes() {
         "/v1/devices",
         "/v1/devices/{id}",
         "/v1/groups",
+        "/v1/tenants/{tenant}/catalog",
     ] {
         assert!(paths.contains_key(served), "{served} is documented");
     }

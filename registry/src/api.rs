@@ -9,6 +9,7 @@
 //! | `PATCH /v1/devices/{id}`   | change group, model, tags, metrics, site, enabled, owner; rotate the token |
 //! | `DELETE /v1/devices/{id}`  | delete                                                      |
 //! | `GET /v1/groups`           | groups per tenant with their device counts                  |
+//! | `… /v1/tenants/{tenant}/catalog` | a tenant's metric catalog: see [`crate::catalog`]      |
 //!
 //! Every change is recorded on the `registry` topic before the answer (so it survives any crash)
 //! and applied to this process's view at once. Tokens are shown once and stored hashed.
@@ -31,6 +32,7 @@ use tributary_schemas::registry::{
     Device, DeviceRegistry, RegistryChange, RegistryEvent, token_hash,
 };
 
+use crate::catalog::{self, CatalogWriter};
 use crate::issue_token;
 use crate::writer::RegistryWriter;
 
@@ -44,19 +46,25 @@ pub struct RegistryApi {
     state: Arc<ApiState>,
 }
 
-struct ApiState {
+pub(crate) struct ApiState {
     writer: Arc<RegistryWriter>,
+    pub(crate) catalog: Arc<CatalogWriter>,
     admin_token_sha256: Option<String>,
 }
 
 impl RegistryApi {
-    pub fn new(writer: Arc<RegistryWriter>, admin_token: Option<&str>) -> Self {
+    pub fn new(
+        writer: Arc<RegistryWriter>,
+        catalog: Arc<CatalogWriter>,
+        admin_token: Option<&str>,
+    ) -> Self {
         if admin_token.is_none() {
             tracing::warn!("registry.admin_token is not set: the admin API refuses every request");
         }
         Self {
             state: Arc::new(ApiState {
                 writer,
+                catalog,
                 admin_token_sha256: admin_token.map(token_hash),
             }),
         }
@@ -72,6 +80,12 @@ impl RegistryApi {
                 get(get_one).patch(update).delete(delete),
             )
             .route("/v1/groups", get(groups))
+            .route(
+                "/v1/tenants/{tenant}/catalog",
+                get(catalog::get_catalog)
+                    .put(catalog::put_catalog)
+                    .delete(catalog::delete_catalog),
+            )
             .with_state(self.state.clone())
     }
 }
@@ -140,7 +154,7 @@ fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) ->
 
 /// Proof that the request carries the admin token: every admin handler takes one, so none can
 /// forget the check.
-struct Admin;
+pub(crate) struct Admin;
 
 impl FromRequestParts<Arc<ApiState>> for Admin {
     type Rejection = ApiError;
@@ -181,12 +195,12 @@ fn bad_json(e: serde_json::Error) -> ApiError {
     fail(StatusCode::BAD_REQUEST, msg, field.as_deref())
 }
 
-fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+pub(crate) fn parse<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(bad_json)
 }
 
 /// Ids and tenants: 1 to 128 of `[A-Za-z0-9._-]`, so they are safe in MQTT topics, paths and URLs.
-fn check_name(value: &str, field: &str) -> Result<(), ApiError> {
+pub(crate) fn check_name(value: &str, field: &str) -> Result<(), ApiError> {
     let ok = !value.is_empty()
         && value.len() <= 128
         && value

@@ -1,4 +1,5 @@
-//! Rebuilds a process's registry view from the `registry` topic and keeps it current.
+//! Rebuilds a process's registry view from the `registry` topic and keeps it current (and the same
+//! for the tenants' catalogs set through the API, from the `catalog` topic).
 //!
 //! The follower reads every partition from the beginning, outside any consumer group (every
 //! process needs every device), applies each event in order, and reports ready once it reached the
@@ -6,12 +7,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tributary_schemas::avro;
+use tributary_schemas::catalog::{CatalogEvent, CatalogOverrides};
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::registry::{DeviceRegistry, RegistryEvent};
 
@@ -31,8 +33,42 @@ pub async fn follow(
     view: Arc<DeviceRegistry>,
 ) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
     let topic = kafka.topics.registry.clone();
+    let (handle, events) = follow_topic(kafka, &topic, move |m| apply(&view, m)).await?;
+    tracing::info!(events, "device registry loaded");
+    Ok(handle)
+}
+
+/// Loads every tenant's catalog set through the API into `overrides`, then follows the `catalog`
+/// topic in a background task.
+pub async fn follow_catalog(
+    kafka: &KafkaConfig,
+    overrides: Arc<CatalogOverrides>,
+) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
+    let topic = kafka.topics.catalog.clone();
+    let (handle, events) = follow_topic(kafka, &topic, move |m| {
+        match m.payload().map(avro::decode::<CatalogEvent>) {
+            Some(Ok(event)) => overrides.apply(&event),
+            Some(Err(e)) => {
+                tracing::error!(error = %e, offset = m.offset(), "unreadable catalog event skipped")
+            }
+            None => {}
+        }
+    })
+    .await?;
+    tracing::info!(events, "tenant catalogs loaded");
+    Ok(handle)
+}
+
+/// Reads a compacted topic from the start into `apply`, returns once it reached the end the topic
+/// had (with how many records it read), and keeps applying new records in a background task.
+pub async fn follow_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    apply: impl Fn(&BorrowedMessage<'_>) + Send + Sync + 'static,
+) -> Result<(tokio::task::JoinHandle<()>, u64), RegistryError> {
+    let topic = topic.to_owned();
     let consumer: StreamConsumer = kafka
-        .reader(&format!("registry-{}", std::process::id()))
+        .reader(&format!("{topic}-{}", std::process::id()))
         .create()?;
     // Blocking librdkafka calls, off the async workers.
     let metadata = tokio::task::block_in_place(|| {
@@ -59,12 +95,11 @@ pub async fn follow(
         }
     }
     consumer.assign(&tpl)?;
-    let started = Instant::now();
     let mut applied = 0u64;
     while !remaining.is_empty() {
         match tokio::time::timeout(IDLE_CATCH_UP, consumer.recv()).await {
             Ok(Ok(m)) => {
-                apply(&view, &m);
+                apply(&m);
                 applied += 1;
                 if remaining
                     .get(&m.partition())
@@ -75,7 +110,7 @@ pub async fn follow(
             }
             Ok(Err(e)) => return Err(RegistryError::Kafka(e)),
             Err(_) => {
-                tracing::warn!(partitions = ?remaining.keys().collect::<Vec<_>>(), "registry catch-up idle before the high watermark; going on with what was read");
+                tracing::warn!(%topic, partitions = ?remaining.keys().collect::<Vec<_>>(), "catch-up idle before the high watermark; going on with what was read");
                 break;
             }
         }
@@ -83,26 +118,21 @@ pub async fn follow(
     // Tansu 0.6 reports a high watermark inside the last record batch; that batch's later records
     // are served all the same. Take what follows at once, so the view is whole before serving.
     while let Ok(Ok(m)) = tokio::time::timeout(TAIL_SETTLE, consumer.recv()).await {
-        apply(&view, &m);
+        apply(&m);
         applied += 1;
     }
-    tracing::info!(
-        devices = view.len(),
-        events = applied,
-        secs = started.elapsed().as_secs_f64(),
-        "device registry loaded"
-    );
-    Ok(tokio::spawn(async move {
+    let handle = tokio::spawn(async move {
         loop {
             match consumer.recv().await {
-                Ok(m) => apply(&view, &m),
+                Ok(m) => apply(&m),
                 Err(e) => {
-                    tracing::warn!(error = %e, "registry follower: kafka error; retrying");
+                    tracing::warn!(%topic, error = %e, "follower: kafka error; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
-    }))
+    });
+    Ok((handle, applied))
 }
 
 fn apply(view: &DeviceRegistry, m: &impl Message) {

@@ -4,12 +4,14 @@
 //! recipe, list, get, update, delete, groups), the writer that records every change as an event on
 //! the compacted `registry` topic ([`writer::RegistryWriter`]), and the follower that rebuilds a
 //! process's in-memory view from that topic and keeps it current ([`follower::follow`]), and
-//! self-registration of devices holding a tenant-signed JWT ([`self_registration`]). The model
-//! and the view themselves are contracts and live in `tributary_schemas::registry`.
+//! self-registration of devices holding a tenant-signed JWT ([`self_registration`]), and the
+//! tenants' metric catalogs set through the admin API ([`catalog`], topic `catalog`). The models
+//! and views themselves are contracts and live in `tributary_schemas::{registry, catalog}`.
 //!
 //! It must not touch: telemetry (raw or derived topics), the lake, or Mosquitto's configuration.
 
 pub mod api;
+pub mod catalog;
 pub mod follower;
 pub mod self_registration;
 pub mod writer;

@@ -206,6 +206,7 @@ impl SchemaId {
     pub const READING: u32 = 7;
     /// `dead_letter.v1.avsc`: before `measurement`; still read.
     pub const DEAD_LETTER_V1: u32 = 3;
+    pub const CATALOG_EVENT: u32 = 9;
 }
 
 topic_record!(
@@ -236,6 +237,13 @@ topic_record!(
     SchemaId::REGISTRY_EVENT,
     "registry_event.avsc",
     earlier: [(SchemaId::REGISTRY_EVENT_V1, "registry_event.v1.avsc")]
+);
+
+topic_record!(
+    crate::catalog::CatalogEvent,
+    "CatalogEvent",
+    SchemaId::CATALOG_EVENT,
+    "catalog_event.avsc"
 );
 
 impl Derived for Reading {

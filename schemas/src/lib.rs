@@ -3,17 +3,19 @@
 //! This crate owns: topic names and partition counts ([`topics`]), the Avro schemas of every topic and
 //! their Rust types ([`avro`], the `.avsc` files under `schemas/avro/`), the Confluent wire framing,
 //! the device payload formats devices may send ([`payload`]: our JSON and SenML), the device registry
-//! model and its in-memory view ([`registry`]) and the Kafka client settings every stage shares
-//! ([`kafka`]).
+//! model and its in-memory view ([`registry`]), the metric catalog and its units ([`catalog`],
+//! [`units`]) and the Kafka client settings every stage shares ([`kafka`]).
 //!
 //! It must not touch: I/O, any stage's logic, or the lake.
 
 pub mod avro;
+pub mod catalog;
 pub mod config_value;
 pub mod kafka;
 pub mod payload;
 pub mod registry;
 pub mod topics;
+pub mod units;
 
 pub use avro::{DeadLetter, RawEnvelope, Reading, Source};
 pub use topics::Topics;

@@ -14,6 +14,8 @@ pub struct Topics {
     pub deadletter: String,
     /// Device registry changes, compacted, key = device (the latest record is the device).
     pub registry: String,
+    /// Tenants' metric catalogs set through the admin API, compacted, key = tenant.
+    pub catalog: String,
 }
 
 impl Default for Topics {
@@ -23,6 +25,7 @@ impl Default for Topics {
             telemetry: "telemetry".into(),
             deadletter: "deadletter".into(),
             registry: "registry".into(),
+            catalog: "catalog".into(),
         }
     }
 }
@@ -42,7 +45,8 @@ impl Topics {
     /// Derived topics have as many partitions as `raw`: the cleanse stage writes the outputs of raw
     /// partition *p* to partition *p* of each derived topic, which keeps per-device order and lets the
     /// lake sink drop re-emitted outputs by their source position (see ARCHITECTURE.md).
-    /// The registry topic is compacted: its latest record per device is the device.
+    /// The registry topic is compacted: its latest record per device is the device; the catalog
+    /// topic too (latest per tenant), with one partition.
     pub fn specs(&self, partitions: i32) -> Vec<TopicSpec> {
         let mut specs: Vec<TopicSpec> = [&self.raw, &self.telemetry, &self.deadletter]
             .into_iter()
@@ -55,6 +59,12 @@ impl Topics {
         specs.push(TopicSpec {
             name: self.registry.clone(),
             partitions,
+            compacted: true,
+        });
+        // Few records (one per tenant), read whole by every cleanse and API process.
+        specs.push(TopicSpec {
+            name: self.catalog.clone(),
+            partitions: 1,
             compacted: true,
         });
         specs

@@ -22,11 +22,11 @@ use tributary_schemas::payload::{Measurement, parse_message};
 use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, Source, now_micros};
 
 use crate::StreamError;
-use crate::catalog::{
-    Catalog, CatalogError, LateData, MetricSpec, Policy, Rules, TenantCatalog, UnknownMetrics,
-    ValueType, default_metrics,
-};
 use crate::dedup::{self, DedupWindow, Key};
+use tributary_schemas::catalog::{
+    Catalog, CatalogBase, CatalogError, CatalogOverrides, LateData, MetricSpec, Policy, Rules,
+    TenantCatalog, UnknownMetrics, ValueType, default_metrics,
+};
 use tributary_schemas::kafka::{PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 
 /// The name of this stage (consumer group suffix, `stage` of its dead letters).
@@ -68,9 +68,18 @@ impl Default for CleanseConfig {
 }
 
 impl CleanseConfig {
-    /// The checked catalog; the error names the bad key.
+    /// The checked catalog of the file alone; the error names the bad key.
     pub fn catalog(&self) -> Result<Catalog, CatalogError> {
-        Catalog::new(&self.policy, &self.metrics, &self.tenants)
+        self.catalog_base().compile(&BTreeMap::new())
+    }
+
+    /// The file's catalog, for API entries to lay over.
+    pub fn catalog_base(&self) -> CatalogBase {
+        CatalogBase {
+            policy: self.policy.clone(),
+            metrics: self.metrics.clone(),
+            tenants: self.tenants.clone(),
+        }
     }
 }
 
@@ -167,6 +176,11 @@ impl Cleanser {
             partitions: HashMap::new(),
             counts: CleanseCounts::default(),
         })
+    }
+
+    /// Applies a new catalog (e.g. a tenant's, changed through the API) to what comes next.
+    pub fn set_catalog(&mut self, catalog: Catalog) {
+        self.catalog = Arc::new(catalog);
     }
 
     /// A cleanser with the same rules and no state (to rebuild a partition's state apart).
@@ -633,11 +647,21 @@ impl Outputs<'_> {
 pub struct CleanseStage {
     kafka: KafkaConfig,
     config: CleanseConfig,
+    /// Tenants' catalogs set through the API (followed from the `catalog` topic by the caller).
+    overrides: Arc<CatalogOverrides>,
 }
 
 impl CleanseStage {
-    pub fn new(kafka: KafkaConfig, config: CleanseConfig) -> Self {
-        Self { kafka, config }
+    pub fn new(
+        kafka: KafkaConfig,
+        config: CleanseConfig,
+        overrides: Arc<CatalogOverrides>,
+    ) -> Self {
+        Self {
+            kafka,
+            config,
+            overrides,
+        }
     }
 
     fn partitions_of(
@@ -733,10 +757,26 @@ impl CleanseStage {
         consumer.subscribe(&[&topics.raw])?;
         tracing::info!(raw = %topics.raw, "cleanse stage started");
         let mut cleanser = Cleanser::new(&self.config)?;
+        let base = self.config.catalog_base();
+        let mut catalog_generation = u64::MAX;
         let horizon = (self.config.dedup_horizon_secs as i64).saturating_mul(1_000_000);
         let mut warmed: HashSet<i32> = HashSet::new();
         let (mut readings, mut rejected) = (0u64, 0u64);
         loop {
+            let generation = self.overrides.generation();
+            if generation != catalog_generation {
+                catalog_generation = generation;
+                match base.compile(&self.overrides.snapshot()) {
+                    Ok(c) => {
+                        cleanser.set_catalog(c);
+                        tracing::info!(generation, "metric catalog applied");
+                    }
+                    // The API checks a catalog before recording it; keep the last good one.
+                    Err(e) => {
+                        tracing::error!(error = %e, "metric catalog refused; keeping the previous one")
+                    }
+                }
+            }
             let started = Instant::now();
             let mut deliveries: Vec<DeliveryFuture> = Vec::new();
             let mut next_offsets: HashMap<i32, i64> = HashMap::new();

@@ -2,14 +2,12 @@
 //!
 //! This crate owns the cleanse stage ([`cleanse::CleanseStage`]: `raw` → `telemetry` + `deadletter`)
 //! and the pure logic behind it ([`cleanse::Cleanser`], [`dedup::DedupWindow`]), testable without
-//! servers: the metric catalog ([`catalog`]) and its units ([`units`]). Each stage is one consumer group and scales out by adding instances.
+//! servers. The metric catalog it applies is a contract (`tributary_schemas::catalog`). Each stage is one consumer group and scales out by adding instances.
 //!
 //! It must not touch: the lake, the device-facing endpoints, or the bytes of the raw topic (read only).
 
-pub mod catalog;
 pub mod cleanse;
 pub mod dedup;
-pub mod units;
 
 /// Errors of the stream stages.
 #[derive(Debug, thiserror::Error)]
@@ -23,7 +21,7 @@ pub enum StreamError {
     #[error("state warm-up: {0}")]
     WarmUp(String),
     #[error("metric catalog: {0}")]
-    Catalog(#[from] catalog::CatalogError),
+    Catalog(#[from] tributary_schemas::catalog::CatalogError),
     #[error("the consumer lost its partitions {0:?} ago and got none back")]
     Orphaned(std::time::Duration),
 }

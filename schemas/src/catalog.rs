@@ -4,12 +4,17 @@
 //!
 //! Configured under `[cleanse]`: `[cleanse.policy]` and `[cleanse.metrics.<name>]` apply to every
 //! tenant; `[cleanse.tenants.<tenant>]` adds or replaces metrics (`metrics.<name>`) and, when it has
-//! a `policy` table, replaces the whole policy for that tenant.
+//! a `policy` table, replaces the whole policy for that tenant. A tenant's catalog set through the
+//! admin API (`PUT /v1/tenants/{tenant}/catalog`, recorded on the compacted `catalog` topic as a
+//! [`CatalogEvent`]) replaces its `[cleanse.tenants.<tenant>]` entry.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::Micros;
 use crate::units::{self, Unit};
 
 /// What happens to a metric the catalog does not declare.
@@ -143,6 +148,70 @@ pub fn default_metrics() -> BTreeMap<String, MetricSpec> {
             spec("kWh", &["Wh", "MWh"], Some(0.0), None),
         ),
     ])
+}
+
+/// The catalog as configured (the `[cleanse]` file section): the base API entries lay over.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CatalogBase {
+    pub policy: Policy,
+    pub metrics: BTreeMap<String, MetricSpec>,
+    pub tenants: BTreeMap<String, TenantCatalog>,
+}
+
+impl CatalogBase {
+    /// The checked catalog with `overrides` (tenant → catalog set through the API) in place of the
+    /// file's entries of those tenants.
+    pub fn compile(
+        &self,
+        overrides: &BTreeMap<String, TenantCatalog>,
+    ) -> Result<Catalog, CatalogError> {
+        let mut tenants = self.tenants.clone();
+        tenants.extend(overrides.iter().map(|(t, c)| (t.clone(), c.clone())));
+        Catalog::new(&self.policy, &self.metrics, &tenants)
+    }
+}
+
+/// Topic `catalog` (compacted, key = tenant): a tenant's catalog as set through the admin API.
+/// Schema: `schemas/avro/catalog_event.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CatalogEvent {
+    pub tenant: String,
+    pub at: Micros,
+    pub actor: String,
+    /// `None`: the API entry was removed (the config file's applies again).
+    pub catalog: Option<TenantCatalog>,
+}
+
+/// The tenants' catalogs set through the API, as a process follows them on the `catalog` topic.
+#[derive(Debug, Default)]
+pub struct CatalogOverrides {
+    tenants: RwLock<BTreeMap<String, TenantCatalog>>,
+    generation: AtomicU64,
+}
+
+impl CatalogOverrides {
+    pub fn apply(&self, event: &CatalogEvent) {
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        match &event.catalog {
+            Some(c) => tenants.insert(event.tenant.clone(), c.clone()),
+            None => tenants.remove(&event.tenant),
+        };
+        drop(tenants);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Every API entry now.
+    pub fn snapshot(&self) -> BTreeMap<String, TenantCatalog> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bumped by every change: a reader recompiles its catalog when it moved.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
 }
 
 /// A catalog entry that cannot be used, naming its key.
@@ -280,11 +349,55 @@ impl Catalog {
     pub fn rules(&self, tenant: &str) -> &Rules {
         self.tenants.get(tenant).unwrap_or(&self.default)
     }
+
+    /// Whether `tenant` has rules of its own (else the defaults).
+    pub fn has_tenant(&self, tenant: &str) -> bool {
+        self.tenants.contains_key(tenant)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::avro::{decode, encode};
+
+    #[test]
+    fn catalog_events_round_trip_and_overrides_replace_file_entries() {
+        let catalog = TenantCatalog {
+            policy: Some(Policy {
+                late_data: LateData::Reject,
+                ..Policy::default()
+            }),
+            metrics: BTreeMap::from([("flow".to_owned(), spec("count", &[]))]),
+        };
+        let event = CatalogEvent {
+            tenant: "acme".into(),
+            at: 1,
+            actor: "admin".into(),
+            catalog: Some(catalog.clone()),
+        };
+        assert_eq!(
+            decode::<CatalogEvent>(&encode(&event).unwrap()).unwrap(),
+            event
+        );
+        let overrides = CatalogOverrides::default();
+        overrides.apply(&event);
+        assert_eq!(overrides.generation(), 1);
+        let base = CatalogBase {
+            policy: Policy::default(),
+            metrics: default_metrics(),
+            tenants: BTreeMap::from([("acme".to_owned(), TenantCatalog::default())]),
+        };
+        let c = base.compile(&overrides.snapshot()).unwrap();
+        assert!(c.rules("acme").metrics.contains_key("flow"));
+        assert_eq!(c.rules("acme").policy.late_data, LateData::Reject);
+        overrides.apply(&CatalogEvent {
+            catalog: None,
+            ..event
+        });
+        let c = base.compile(&overrides.snapshot()).unwrap();
+        assert!(!c.rules("acme").metrics.contains_key("flow"));
+    }
 
     fn spec(unit: &str, units: &[&str]) -> MetricSpec {
         MetricSpec {
