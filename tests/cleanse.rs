@@ -12,7 +12,7 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Stack, kill, mqtt_publish, post};
+use support::{ADMIN_TOKEN, Stack, kill, mqtt_publish, post, request};
 
 const HOUR: i64 = 3600;
 
@@ -100,11 +100,58 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
             token: s["token"].as_str().unwrap().to_owned(),
         }
     };
-    let (a, b) = (device("tenant-1"), device("tenant-2"));
+    let (a, b, c) = (device("tenant-1"), device("tenant-2"), device("tenant-3"));
     let mut ingest = stack.spawn_stages(&["http", "mqtt"], "ingest", &[]);
     stack.wait_http();
     let mut processing_tier = processing(&stack, 0);
     let now = chrono::Utc::now().timestamp();
+
+    // Tenant-3's catalog through the admin API: refuse unknown metrics. A bad one is refused with
+    // the field named; the effective catalog keeps the defaults beside the tenant's own.
+    let catalog_url = format!(
+        "http://127.0.0.1:{}/v1/tenants/tenant-3/catalog",
+        stack.http_port
+    );
+    let put = |body: Value| {
+        request(
+            "PUT",
+            &catalog_url,
+            ADMIN_TOKEN,
+            "application/json",
+            &body.to_string(),
+        )
+    };
+    let (status, answer) = put(json!({"metrics": {"flow": {"unit": "furlong"}}}));
+    assert_eq!(
+        (status, &answer["field"]),
+        (400, &json!("metrics.flow.unit")),
+        "{answer}"
+    );
+    let (status, answer) = put(json!({"policy": {"unknown_metrics": "reject"}}));
+    assert_eq!(status, 200, "{answer}");
+    let (status, got) = request("GET", &catalog_url, ADMIN_TOKEN, "application/json", "");
+    assert_eq!(status, 200);
+    assert_eq!(got["source"], "api");
+    assert_eq!(got["policy"]["unknown_metrics"], "reject");
+    assert_eq!(got["metrics"]["temperature"]["unit"], "Cel");
+    assert_eq!(
+        request("GET", &catalog_url, "wrong", "application/json", "").0,
+        401
+    );
+    // The cleanse stage follows the catalog topic and applies the change to what comes next.
+    wait_until(
+        "the catalog change in cleanse",
+        Duration::from_secs(30),
+        || {
+            stack
+                .log("processing-0")
+                .contains("metric catalog applied generation=1")
+        },
+    );
+    c.json(
+        &stack,
+        &msg("c-1", now - 50, json!({"rpm": 5, "temperature": 20})),
+    );
 
     // First half. Tenant-1 (default policy): unit variants, a bad value, an out-of-range value,
     // an unknown metric (accepted as sent), garbage over MQTT.
@@ -138,11 +185,11 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
     b.json(&stack, &msg("b-3", now - 100, json!({"flow": 100})));
     b.json(&stack, &msg("b-4", now - 90, json!({"flow": 190})));
 
-    // 3 + 1 + 1 + 2 readings of the first half landed: kill the processing tier.
+    // 1 + 3 + 1 + 1 + 2 readings of the first half landed: kill the processing tier.
     wait_until(
         "the first half in the lake",
         Duration::from_secs(120),
-        || stack.count("telemetry") >= 7,
+        || stack.count("telemetry") >= 8,
     );
     kill_9(&mut processing_tier);
 
@@ -189,10 +236,16 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
     processing_tier = processing(&stack, 2);
 
     // Tenant-1: 3 (a-1) + 1 (a-3) + 1 (a-4) + 5 (batch) + 1 (a-8) + 1 (a-9) = 12 readings;
-    // tenant-2: 2 (b-3, b-4) + 3 (batch within 3 h) = 5.
-    let (t, d) = stack.wait_for_rows(17, 11, Duration::from_secs(120));
-    assert_eq!((t, d), (17, 11), "{}", stack.logs());
+    // tenant-2: 2 (b-3, b-4) + 3 (batch within 3 h) = 5; tenant-3: 1.
+    let (t, d) = stack.wait_for_rows(18, 12, Duration::from_secs(120));
+    assert_eq!((t, d), (18, 12), "{}", stack.logs());
 
+    let label = |d: &Value| {
+        [(&a, "a"), (&b, "b"), (&c, "c")]
+            .iter()
+            .find(|(x, _)| *d == x.id.as_str())
+            .map_or("?", |(_, l)| *l)
+    };
     let readings = stack.sql(
         "SELECT device, event_id, metric, round(value, 6) AS value, unit, original_value, \
          original_unit, late, CAST(event_time AS VARCHAR) AS t FROM telemetry \
@@ -201,11 +254,7 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
     let row = |r: &Value| {
         format!(
             "{} {} {}={} {} ({} {}) late={}",
-            if r["device"] == a.id.as_str() {
-                "a"
-            } else {
-                "b"
-            },
+            label(&r["device"]),
             r["event_id"]
                 .as_str()
                 .unwrap_or("")
@@ -243,6 +292,7 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
     expected.extend([
         "b b flow=100.0 count (null -) late=false".to_owned(),
         "b b flow=190.0 count (null -) late=false".to_owned(),
+        "c c temperature=20.0 Cel (null -) late=false".to_owned(),
     ]);
     assert_eq!(got, expected, "{readings:#?}");
     // The late batch landed in the days of its event times.
@@ -256,11 +306,7 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
         .map(|r| {
             format!(
                 "{} {} {}",
-                if r["device"] == a.id.as_str() {
-                    "a"
-                } else {
-                    "b"
-                },
+                label(&r["device"]),
                 r["rule"].as_str().unwrap_or(""),
                 r["field"].as_str().unwrap_or("-")
             )
@@ -280,6 +326,7 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
             "b rate_of_change metrics.flow",
             "b type_mismatch metrics.flow",
             "b unknown_metric metrics.rpm",
+            "c unknown_metric metrics.rpm",
         ]
     );
 
@@ -325,14 +372,14 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
     assert!(out.contains("nothing to replay"), "{out}");
     // Every other open dead letter replayed under the same catalog: refused again, no reading.
     let out = stack.ok(&["deadletter", "replay"]);
-    assert!(out.contains("replayed 9 raw records"), "{out}");
+    assert!(out.contains("replayed 10 raw records"), "{out}");
     assert!(
-        out.contains("0 readings landed, 10 dead letters again"),
+        out.contains("0 readings landed, 11 dead letters again"),
         "{out}"
     );
     a.json(&stack, &msg("a-11", now, json!({"humidity": 41})));
     wait_until("the marker", Duration::from_secs(90), || {
-        stack.count("telemetry") >= 19
+        stack.count("telemetry") >= 20
     });
     let a3 =
         stack.sql("SELECT metric, value FROM telemetry WHERE event_id = 'a-3' ORDER BY metric");
@@ -343,15 +390,15 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
             json!({"metric": "temperature", "value": 21.0})
         ]
     );
-    assert_eq!(stack.count("telemetry"), 19);
-    // The refused-again replays are new dead letters (of the copies): 10 (malformed_json is
+    assert_eq!(stack.count("telemetry"), 20);
+    // The refused-again replays are new dead letters (of the copies): 11 (malformed_json is
     // replayed whole, the rest by measurement).
-    assert_eq!(stack.count("deadletter"), 21);
+    assert_eq!(stack.count("deadletter"), 23);
 
     // Rebuilt under today's (fixed) catalog: a-3's humidity comes from the original record, the
-    // replays find nothing left to do, so the same 19 readings.
+    // replays find nothing left to do, so the same 20 readings.
     let out = stack.ok(&["rebuild", "telemetry", "--into", "telemetry_fixed"]);
-    assert!(out.contains("→ 19 rows"), "{out}");
+    assert!(out.contains("→ 20 rows"), "{out}");
     let humidity = stack.sql(
         "SELECT count(*) AS n FROM telemetry_fixed WHERE event_id = 'a-3' AND metric = 'humidity'",
     );
@@ -359,9 +406,9 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
     let out = stack.ok(&["rebuild", "usage", "--check"]);
     assert!(out.contains("check: equal"), "usage: {out}");
     // Usage counts device traffic only: 13 messages of tenant-1's device (one over MQTT, one the
-    // marker), 6 of tenant-2's; no replay.
+    // marker), 6 of tenant-2's, 1 of tenant-3's; no replay.
     let usage = stack.sql("SELECT sum(events) AS n FROM usage");
-    assert_eq!(usage[0]["n"], 19);
+    assert_eq!(usage[0]["n"], 20);
 
     kill(&mut processing_tier);
     kill(&mut ingest);

@@ -742,6 +742,25 @@ impl CleanseStage {
         Ok(state)
     }
 
+    /// Applies the tenants' API catalogs when they changed since `seen` (between batches).
+    fn refresh_catalog(&self, base: &CatalogBase, cleanser: &mut Cleanser, seen: &mut u64) {
+        let generation = self.overrides.generation();
+        if generation == *seen {
+            return;
+        }
+        *seen = generation;
+        match base.compile(&self.overrides.snapshot()) {
+            Ok(c) => {
+                cleanser.set_catalog(c);
+                tracing::info!(generation, "metric catalog applied");
+            }
+            // The API checks a catalog before recording it; keep the last good one.
+            Err(e) => {
+                tracing::error!(error = %e, "metric catalog refused; keeping the previous one")
+            }
+        }
+    }
+
     /// Runs until the task is cancelled or Kafka fails for good.
     pub async fn run(&self) -> Result<(), StreamError> {
         let context = RecordingContext::default();
@@ -763,20 +782,7 @@ impl CleanseStage {
         let mut warmed: HashSet<i32> = HashSet::new();
         let (mut readings, mut rejected) = (0u64, 0u64);
         loop {
-            let generation = self.overrides.generation();
-            if generation != catalog_generation {
-                catalog_generation = generation;
-                match base.compile(&self.overrides.snapshot()) {
-                    Ok(c) => {
-                        cleanser.set_catalog(c);
-                        tracing::info!(generation, "metric catalog applied");
-                    }
-                    // The API checks a catalog before recording it; keep the last good one.
-                    Err(e) => {
-                        tracing::error!(error = %e, "metric catalog refused; keeping the previous one")
-                    }
-                }
-            }
+            self.refresh_catalog(&base, &mut cleanser, &mut catalog_generation);
             let started = Instant::now();
             let mut deliveries: Vec<DeliveryFuture> = Vec::new();
             let mut next_offsets: HashMap<i32, i64> = HashMap::new();
@@ -795,6 +801,7 @@ impl CleanseStage {
                             if count > 0 {
                                 break;
                             }
+                            self.refresh_catalog(&base, &mut cleanser, &mut catalog_generation);
                             if let Some(d) = context.orphaned_for().filter(|d| *d > REJOIN_TIMEOUT)
                             {
                                 // The supervisor starts this stage again with a new consumer.

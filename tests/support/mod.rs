@@ -520,13 +520,24 @@ pub fn kill_9_while_landing(stack: &Stack, child: &mut Child) {
 
 /// POSTs `body` with a bearer token; returns the status and the JSON answer (null if none).
 pub fn post(url: &str, token: &str, content_type: &str, body: &str) -> (u16, Value) {
+    request("POST", url, token, content_type, body)
+}
+
+/// An HTTP request with a bearer token; returns the status and the JSON answer (null if none).
+pub fn request(
+    method: &str,
+    url: &str,
+    token: &str,
+    content_type: &str,
+    body: &str,
+) -> (u16, Value) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let r = reqwest::Client::new()
-            .post(url)
+            .request(method.parse().unwrap(), url)
             .bearer_auth(token)
             .header("content-type", content_type)
             .body(body.to_owned())
