@@ -74,6 +74,8 @@ echo
 echo "What landed in the lake (./data/lake):"
 "$bin" sql "SELECT tenant, metric, count(*) AS readings, round(avg(value), 2) AS avg, min(event_time) AS first, max(event_time) AS last FROM telemetry GROUP BY tenant, metric ORDER BY tenant, metric"
 "$bin" sql "SELECT rule, count(*) AS dead_letters, min(reason) AS example FROM deadletter GROUP BY rule ORDER BY rule"
+echo "The latest dead letters, each with its rule, field and reason (tributary deadletter list):"
+"$bin" deadletter list --limit 5
 echo "Usage metered from the raw log, and the device registry as a table:"
 "$bin" sql "SELECT u.tenant, count(DISTINCT u.device) AS devices, sum(u.events) AS events, sum(u.bytes) AS bytes FROM usage u GROUP BY u.tenant ORDER BY u.tenant"
 "$bin" sql "SELECT tenant, model, count(*) AS devices FROM devices GROUP BY tenant, model ORDER BY tenant"
