@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tributary_ingest::http::HttpConfig;
 use tributary_ingest::mqtt::MqttConfig;
 use tributary_lake::LakeConfig;
+use tributary_lake::timeseries_sink::TimeSeriesConfig;
 use tributary_registry::RegistryConfig;
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_streams::cleanse::CleanseConfig;
@@ -44,6 +45,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub cleanse: CleanseConfig,
     pub lake: LakeConfig,
+    pub timeseries: TimeSeriesConfig,
     pub simulator: SimulatorConfig,
 }
 
@@ -196,6 +198,17 @@ impl Config {
         if let Err(e) = self.lake.root_url() {
             return Err(ConfigError(format!("`lake.url`: {e}")));
         }
+        if self.timeseries.enabled()
+            && let Err(e) = self.timeseries.write_url()
+        {
+            return Err(ConfigError(e.to_string()));
+        }
+        if self.timeseries.batch_points == 0 {
+            return bad("timeseries.batch_points", &0, "must be at least 1");
+        }
+        if self.timeseries.flush_interval_ms == 0 {
+            return bad("timeseries.flush_interval_ms", &0, "must be at least 1");
+        }
         if !self.simulator.http_url.starts_with("http://")
             && !self.simulator.http_url.starts_with("https://")
         {
@@ -219,6 +232,11 @@ impl Config {
         }
         for v in c.lake.storage_options.values_mut() {
             *v = "<redacted>".into();
+        }
+        for secret in [&mut c.timeseries.token, &mut c.timeseries.password] {
+            if secret.is_some() {
+                *secret = Some("<redacted>".into());
+            }
         }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
@@ -251,6 +269,14 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("`mqtt.topic_pattern`")
+        );
+        let mut c = Config::default();
+        c.timeseries.url = "influx:8086".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("timeseries.url `influx:8086` is not usable"),
         );
         let mut c = Config::default();
         c.lake.url = "ftp://host/x".into();

@@ -2,12 +2,14 @@
 //!
 //! The binary owns the command line, the configuration ([`config`]), wiring stages together
 //! ([`pipeline`]), topic creation ([`admin`]), device seeding ([`devices`]), the simulator
-//! ([`simulator`]), dead-letter tools ([`deadletters`]) and rebuilds from `raw` ([`rebuild`]). Stage logic lives in the crates; nothing here touches a payload.
+//! ([`simulator`]), dead-letter tools ([`deadletters`]), rebuilds from `raw` ([`rebuild`]) and table maintenance
+//! ([`maintenance`]). Stage logic lives in the crates; nothing here touches a payload.
 
 mod admin;
 mod config;
 mod deadletters;
 mod devices;
+mod maintenance;
 mod pipeline;
 mod progress;
 mod rebuild;
@@ -78,6 +80,11 @@ enum Command {
     /// Rebuild a lake table from the `raw` log into a new table; `--check` compares it with the
     /// live one.
     Rebuild(rebuild::RebuildArgs),
+    /// Compact a lake table's small files (Delta OPTIMIZE), optionally Z-ordered; safe beside
+    /// the running sinks.
+    Optimize(maintenance::OptimizeArgs),
+    /// Delete files a lake table no longer refers to (after compactions and erasures).
+    Vacuum(maintenance::VacuumArgs),
 }
 
 #[derive(Subcommand)]
@@ -97,6 +104,8 @@ enum Format {
     Table,
     Csv,
     Json,
+    /// Arrow IPC stream (binary), for pyarrow, polars, DuckDB.
+    Arrow,
 }
 
 fn init_tracing() {
@@ -136,6 +145,12 @@ fn main() -> anyhow::Result<()> {
                     Format::Table => tributary_query::OutputFormat::Table,
                     Format::Csv => tributary_query::OutputFormat::Csv,
                     Format::Json => tributary_query::OutputFormat::Json,
+                    Format::Arrow => {
+                        use std::io::Write;
+                        let bytes = tributary_query::arrow_ipc(&batches)?;
+                        std::io::stdout().lock().write_all(&bytes)?;
+                        return Ok(());
+                    }
                 };
                 println!("{}", tributary_query::render(&batches, format)?);
                 Ok(())
@@ -153,6 +168,8 @@ fn main() -> anyhow::Result<()> {
             Command::Devices { command } => devices::run(&config, command).await,
             Command::Deadletter { command } => deadletters::run(&config, command).await,
             Command::Rebuild(args) => rebuild::run(&config, args).await,
+            Command::Optimize(args) => maintenance::optimize(&config, args).await,
+            Command::Vacuum(args) => maintenance::vacuum(&config, args).await,
         }
     })
 }

@@ -10,6 +10,8 @@
 //!                                                 │   Mosquitto's password file)
 //!                                                 └─▶ lake (Delta table `devices`)
 //! admins ─HTTP─▶ http (/v1/tenants/{t}/catalog) ─▶ catalog ─▶ the metric catalog of cleanse
+//!
+//! telemetry ─▶ timeseries ─line protocol─▶ InfluxDB 2/3 or VictoriaMetrics (tags from registry)
 //! ```
 
 use std::sync::Arc;
@@ -26,6 +28,7 @@ use tributary_lake::delta_sink::DeltaSink;
 use tributary_lake::tables::LakeRow;
 use tributary_lake::tables::devices::DeviceState;
 use tributary_lake::tables::usage::UsageEvent;
+use tributary_lake::timeseries_sink::TimeSeriesSink;
 use tributary_registry::api::RegistryApi;
 use tributary_registry::catalog::CatalogWriter;
 use tributary_registry::follower;
@@ -51,6 +54,8 @@ pub enum Stage {
     Cleanse,
     /// Delta sinks: telemetry, deadletter, registry (→ `devices`) and raw (→ `usage`) → Delta tables.
     Lake,
+    /// Time-series sink: telemetry → an InfluxDB-2-compatible write API (`[timeseries]`).
+    Timeseries,
 }
 
 /// The stages one process runs.
@@ -82,9 +87,14 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             Ok("catalog follower")
         });
     }
-    if stage.includes(Stage::Http) || stage.includes(Stage::Mqtt) {
-        // Ingest authenticates devices and stamps their tenant: it needs the whole registry first.
-        let registry = Arc::new(DeviceRegistry::new());
+    let timeseries = stage.includes(Stage::Timeseries) && config.timeseries.enabled();
+    if stage.0.contains(&Stage::Timeseries) && !config.timeseries.enabled() {
+        anyhow::bail!("stage timeseries needs a store: set `timeseries.url`");
+    }
+    // Ingest authenticates devices and stamps their tenant, the time-series sink tags points with
+    // their site: they need the whole registry first.
+    let registry = Arc::new(DeviceRegistry::new());
+    if stage.includes(Stage::Http) || stage.includes(Stage::Mqtt) || timeseries {
         let follower = follower::follow(&config.kafka, registry.clone())
             .await
             .context("loading the device registry from its topic")?;
@@ -92,6 +102,22 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             follower.await?;
             Ok("registry follower")
         });
+    }
+    if timeseries {
+        let sink = Arc::new(TimeSeriesSink::new(
+            config.kafka.clone(),
+            config.timeseries.clone(),
+            config.kafka.topics.telemetry.clone(),
+            registry.clone(),
+        ));
+        supervise(&mut tasks, "timeseries", move || {
+            let sink = sink.clone();
+            async move { Ok(sink.run().await?) }
+        });
+    } else if stage.includes(Stage::Timeseries) {
+        tracing::info!("no time-series store configured (`timeseries.url` is empty)");
+    }
+    if stage.includes(Stage::Http) || stage.includes(Stage::Mqtt) {
         if stage.includes(Stage::Mqtt)
             && let Some(credentials) = BrokerCredentials::new(&config.mqtt, registry.clone())
         {

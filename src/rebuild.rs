@@ -55,24 +55,18 @@ pub struct RebuildArgs {
 pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
     match args.table {
         Rebuildable::Telemetry => {
-            rebuild::<Reading>(config, &args, true, |c, m, rows| {
-                for o in c.process(Position::of(m), m.payload().unwrap_or_default()) {
-                    if let Output::Reading(r) = o {
-                        rows.push(r);
-                    }
-                }
-            })
-            .await
+            let pick = |o| match o {
+                Output::Reading(r) => Some(r),
+                Output::DeadLetter(_) => None,
+            };
+            rebuild::<Reading>(config, &args, true, cleansed(pick)).await
         }
         Rebuildable::Deadletter => {
-            rebuild::<DeadLetter>(config, &args, true, |c, m, rows| {
-                for o in c.process(Position::of(m), m.payload().unwrap_or_default()) {
-                    if let Output::DeadLetter(d) = o {
-                        rows.push(d);
-                    }
-                }
-            })
-            .await
+            let pick = |o| match o {
+                Output::DeadLetter(d) => Some(d),
+                Output::Reading(_) => None,
+            };
+            rebuild::<DeadLetter>(config, &args, true, cleansed(pick)).await
         }
         Rebuildable::Usage => {
             rebuild::<UsageEvent>(config, &args, false, |_, m, rows| {
@@ -86,6 +80,17 @@ pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
             })
             .await
         }
+    }
+}
+
+/// Rows of a table of the cleanse stage's outputs: each raw record cleansed, the outputs `pick`
+/// keeps.
+fn cleansed<R: 'static>(
+    pick: fn(Output) -> Option<R>,
+) -> impl FnMut(&mut Cleanser, &BorrowedMessage<'_>, &mut Vec<R>) + Send + 'static {
+    move |c, m, rows| {
+        let outputs = c.process(Position::of(m), m.payload().unwrap_or_default());
+        rows.extend(outputs.into_iter().filter_map(pick));
     }
 }
 

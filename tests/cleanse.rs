@@ -9,10 +9,10 @@
 mod support;
 
 use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{ADMIN_TOKEN, Stack, kill, mqtt_publish, post, request};
+use support::{ADMIN_TOKEN, Stack, kill, mqtt_publish, post, request, wait_until};
 
 const HOUR: i64 = 3600;
 
@@ -70,14 +70,6 @@ impl Device {
 
     fn json(&self, stack: &Stack, body: &str) {
         self.send(stack, "application/json", body)
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(300));
     }
 }
 

@@ -1,4 +1,5 @@
-//! The crash case: `kill -9` the pipeline mid-stream, restart it, and nothing is lost or duplicated.
+//! The crash case: `kill -9` the pipeline mid-stream (sinks committing, compacting), restart it,
+//! and nothing is lost or duplicated.
 
 mod support;
 
@@ -8,7 +9,9 @@ use support::{Stack, field, finish_simulator, kill, kill_9_while_landing};
 
 #[test]
 fn kill_9_mid_stream_loses_and_duplicates_nothing() {
-    let stack = Stack::start_with_storage(20, &[], "sqlite://tansu.db");
+    let mut stack = Stack::start_with_storage(20, &[], "sqlite://tansu.db");
+    // Compactions every 2 s, so the kills also hit them.
+    stack.set_env("TRIBUTARY_LAKE__COMPACT_INTERVAL_SECS", "2");
     let mut pipeline = stack.spawn_pipeline(0);
     let mqtt = stack.spawn_simulator("mqtt", 8000, 600, "11");
     let http = stack.spawn_simulator("http", 8000, 600, "12");

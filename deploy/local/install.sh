@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local stack and the tests need, skipping whatever is already there:
-# Debian's mosquitto, victoria-metrics, postgresql-client and openssl, and Tansu 0.6.0 (Kafka-compatible
-# broker) from crates.io. Safe to run again.
+# Debian's mosquitto, victoria-metrics, postgresql-client and openssl, Tansu 0.6.0 (Kafka-compatible
+# broker) from crates.io, and deltalake + polars (PyPI, in a venv) for the interop check. Safe to
+# run again.
 set -euo pipefail
 
 need_apt=()
@@ -26,5 +27,14 @@ fi
 if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
   echo "installing tansu 0.6.0 from crates.io (a ~20 minute release build on 2 cores, once)"
   cargo install tansu --version 0.6.0 --locked --no-default-features --features dynostore,libsql
+fi
+# The interop check reads the lake with other engines' readers: delta-rs's Python bindings and
+# polars (PyPI), in a venv beside the cargo target directory.
+VENV=${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}
+PY_PACKAGES=(deltalake==1.6.6 polars==2.1.0 pyarrow==26.0.1)
+if ! "$VENV/bin/python" -c 'import deltalake, polars, pyarrow' >/dev/null 2>&1; then
+  echo "installing ${PY_PACKAGES[*]} into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"
 fi
 echo "local stack prerequisites are installed"

@@ -106,7 +106,9 @@ case "$ACTION" in
       start mosquitto /usr/sbin/mosquitto -c "$STACK_DIR/mosquitto.conf"
     fi
     if want victoria-metrics; then
-      start victoria-metrics victoria-metrics -httpListenAddr "127.0.0.1:$VM_PORT" -storageDataPath "$STACK_DIR/victoria-metrics"
+      # Dedup at 1 ms: a point written again (same series and timestamp) is one point, as in InfluxDB.
+      start victoria-metrics victoria-metrics -httpListenAddr "127.0.0.1:$VM_PORT" -storageDataPath "$STACK_DIR/victoria-metrics" \
+        -dedup.minScrapeInterval=1ms
     fi
     ! want tansu || wait_port "$KAFKA_PORT" tansu
     ! want mosquitto || wait_port "$MQTT_PORT" mosquitto

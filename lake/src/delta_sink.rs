@@ -29,6 +29,7 @@ use tributary_schemas::avro::{self, TopicRecord, decode};
 use tributary_schemas::kafka::{KafkaConfig, PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 use tributary_schemas::{DeadLetter, now_micros};
 
+use crate::maintenance::{self, Compaction};
 use crate::tables::{LakeRow, TableWrite};
 use crate::{LakeConfig, LakeError};
 
@@ -38,12 +39,19 @@ pub fn source_seq(offset: i64, index: i32) -> i64 {
 }
 
 /// Writes `batch` the way `R`'s table takes rows, with `txns` in the same commit.
+/// A table that does not exist yet is created with `properties`.
 async fn write<R: LakeRow>(
     table: DeltaTable,
     batch: RecordBatch,
     txns: Vec<Transaction>,
+    properties: &[(String, Option<String>)],
 ) -> Result<DeltaTable, DeltaTableError> {
     let commit = CommitProperties::default().with_application_transactions(txns);
+    let created_with = if table.version().is_none() {
+        properties.to_vec()
+    } else {
+        Vec::new()
+    };
     let spec = match R::WRITE {
         TableWrite::Append => {
             return table
@@ -53,6 +61,7 @@ async fn write<R: LakeRow>(
                 // is added to the table's schema by this commit; existing files are not rewritten.
                 .with_schema_mode(SchemaMode::Merge)
                 .with_partition_columns(R::PARTITION_COLUMNS.iter().copied())
+                .with_configuration(created_with)
                 .with_commit_properties(commit)
                 .await;
         }
@@ -64,6 +73,7 @@ async fn write<R: LakeRow>(
             .write(vec![RecordBatch::new_empty(R::arrow_schema())])
             .with_save_mode(SaveMode::Append)
             .with_partition_columns(R::PARTITION_COLUMNS.iter().copied())
+            .with_configuration(created_with)
             .await?
     } else {
         table
@@ -124,10 +134,28 @@ pub async fn write_rows<R: LakeRow>(
     rows: &[R],
 ) -> Result<DeltaTable, LakeError> {
     let handle = open_table(lake, table).await?;
+    check_schema::<R>(&handle, table)?;
     if rows.is_empty() && handle.version().is_some() {
         return Ok(handle);
     }
-    Ok(write::<R>(handle, R::to_batch(rows)?, Vec::new()).await?)
+    let properties = lake.table_properties();
+    Ok(write::<R>(handle, R::to_batch(rows)?, Vec::new(), &properties).await?)
+}
+
+/// Refuses to write rows of `R` into `table` when its schema cannot take them (see
+/// [`maintenance::incompatibility`]); a new optional column is fine: the next commit adds it.
+pub fn check_schema<R: LakeRow>(table: &DeltaTable, name: &str) -> Result<(), LakeError> {
+    if table.version().is_none() {
+        return Ok(());
+    }
+    let existing = table.snapshot()?.snapshot().arrow_schema();
+    match maintenance::incompatibility(&existing, &R::arrow_schema()) {
+        Some(reason) => Err(LakeError::IncompatibleSchema {
+            table: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Opens a table at `url`, or a handle on the empty location when no table is there yet.
@@ -208,6 +236,8 @@ impl<R: LakeRow> DeltaSink<R> {
             .producer(&format!("tributary-{}", self.stage()))
             .create()?;
         let mut table = open_table(&self.lake, &self.table).await?;
+        check_schema::<R>(&table, &self.table)?;
+        let properties = self.lake.table_properties();
         self.align_group_offsets(&consumer, &table).await?;
         consumer.subscribe(&[&self.topic])?;
         tracing::info!(topic = %self.topic, table = %self.table, version = ?table.version(), "delta sink started");
@@ -220,6 +250,7 @@ impl<R: LakeRow> DeltaSink<R> {
         let mut oldest: Option<Instant> = None;
         let flush_interval = Duration::from_millis(self.lake.flush_interval_ms);
         let (mut written, mut dropped) = (0u64, 0u64);
+        let mut schedule = CompactionSchedule::new(&self.lake);
 
         loop {
             let wait = match oldest {
@@ -356,7 +387,7 @@ impl<R: LakeRow> DeltaSink<R> {
             let batch = R::to_batch(&rows)?;
             let count = batch.num_rows();
             let started = Instant::now();
-            let result = write::<R>(table.clone(), batch, txns).await;
+            let result = write::<R>(table.clone(), batch, txns, &properties).await;
             match result {
                 Ok(t) => {
                     table = t;
@@ -375,6 +406,9 @@ impl<R: LakeRow> DeltaSink<R> {
                         })
                     {
                         tracing::debug!(error = %e, "kafka offset commit (advisory) failed");
+                    }
+                    if parts.contains_key(&0) {
+                        table = schedule.run_due(table, &self.table).await;
                     }
                 }
                 Err(e) => {
@@ -464,12 +498,74 @@ impl<R: LakeRow> DeltaSink<R> {
     }
 }
 
+/// The scheduled compaction of one table, run by its sink between commits (see [`maintenance`]):
+/// every `lake.compact_interval_secs`, bin-packing of the partitions of yesterday and today; on the
+/// first run of each UTC day, Z-ordering of yesterday's by `lake.zorder_by`.
+struct CompactionSchedule {
+    interval: Option<Duration>,
+    zorder_by: Vec<String>,
+    last: Instant,
+    zordered_day: Option<String>,
+}
+
+impl CompactionSchedule {
+    fn new(lake: &LakeConfig) -> Self {
+        Self {
+            interval: (lake.compact_interval_secs > 0)
+                .then(|| Duration::from_secs(lake.compact_interval_secs)),
+            zorder_by: lake.zorder_by.clone(),
+            last: Instant::now(),
+            zordered_day: None,
+        }
+    }
+
+    /// Compacts when due; a failed compaction is logged and tried again at the next interval.
+    async fn run_due(&mut self, table: DeltaTable, name: &str) -> DeltaTable {
+        let Some(interval) = self.interval.filter(|i| self.last.elapsed() >= *i) else {
+            return table;
+        };
+        self.last = Instant::now();
+        let today = chrono::Utc::now().date_naive();
+        let yesterday = (today - chrono::Days::new(1)).to_string();
+        let mut table = table;
+        let mut runs = vec![Compaction {
+            since_day: Some(yesterday.clone()),
+            ..Default::default()
+        }];
+        if !self.zorder_by.is_empty() && self.zordered_day.as_deref() != Some(yesterday.as_str()) {
+            runs.push(Compaction {
+                zorder_by: self.zorder_by.clone(),
+                since_day: Some(yesterday.clone()),
+                before_day: Some(today.to_string()),
+                ..Default::default()
+            });
+        }
+        for run in runs {
+            let started = Instant::now();
+            match maintenance::compact(table.clone(), &run).await {
+                Ok((t, report)) => {
+                    table = t;
+                    if !run.zorder_by.is_empty() {
+                        self.zordered_day = Some(yesterday.clone());
+                    }
+                    tracing::info!(table = name, zorder_by = ?run.zorder_by, ms = started.elapsed().as_millis() as u64, "scheduled compaction: {report}");
+                }
+                Err(e) => {
+                    tracing::warn!(table = name, error = %e, retry_in = ?interval, "scheduled compaction failed");
+                }
+            }
+        }
+        table
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tables::devices::DeviceState;
     use crate::tables::usage::UsageEvent;
     use deltalake::datafusion::prelude::SessionContext;
+    use std::sync::Arc;
     use tributary_schemas::registry::{Device, RegistryChange, RegistryEvent};
     use tributary_schemas::{RawEnvelope, Source};
 
@@ -517,11 +613,11 @@ mod tests {
         let first = vec![raw("t1", "d1", 10), raw("t1", "d1", 5), raw("", "ghost", 7)];
         let batch = UsageEvent::to_batch(&first).unwrap();
         let txn = vec![Transaction::new("app/raw/0", 3)];
-        let table = write::<UsageEvent>(table, batch, txn).await.unwrap();
+        let table = write::<UsageEvent>(table, batch, txn, &[]).await.unwrap();
         let second = vec![raw("t1", "d1", 1), raw("", "ghost", 1), raw("t2", "d9", 2)];
         let batch = UsageEvent::to_batch(&second).unwrap();
         let txn = vec![Transaction::new("app/raw/0", 6)];
-        let table = write::<UsageEvent>(table, batch, txn).await.unwrap();
+        let table = write::<UsageEvent>(table, batch, txn, &[]).await.unwrap();
         assert_eq!(txn_version(&table, "app/raw/0").await.unwrap(), Some(6));
         let rows = query(
             &table,
@@ -561,17 +657,113 @@ mod tests {
             event("b", RegistryChange::Created, "m1"),
         ])
         .unwrap();
-        let table = write::<DeviceState>(table, batch, vec![]).await.unwrap();
+        let table = write::<DeviceState>(table, batch, vec![], &[])
+            .await
+            .unwrap();
         let batch = DeviceState::to_batch(&[
             event("a", RegistryChange::Updated, "m2"),
             event("b", RegistryChange::Deleted, ""),
             event("c", RegistryChange::Created, "m3"),
         ])
         .unwrap();
-        let table = write::<DeviceState>(table, batch, vec![]).await.unwrap();
+        let table = write::<DeviceState>(table, batch, vec![], &[])
+            .await
+            .unwrap();
         let rows = query(&table, "SELECT device, model FROM t ORDER BY device").await;
         assert_eq!(rows[3..5], ["| a      | m2    |", "| c      | m3    |"]);
         assert_eq!(rows.len(), 6, "{rows:#?}");
+    }
+
+    fn reading(event_id: &str) -> tributary_schemas::Reading {
+        tributary_schemas::Reading {
+            tenant: "t1".into(),
+            device: "d1".into(),
+            metric: "temperature".into(),
+            value: 21.5,
+            unit: Some("Cel".into()),
+            original_value: None,
+            original_unit: None,
+            late: false,
+            event_time: 1_795_392_000_000_000,
+            ingest_time: 1_795_392_000_100_000,
+            event_id: event_id.into(),
+            source_topic: "raw".into(),
+            source_partition: 0,
+            source_offset: 1,
+            source_index: 0,
+            measurement: Some(0),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_optional_column_is_added_without_a_rewrite_and_an_incompatible_change_is_refused() {
+        use arrow::array::{ArrayRef, StringArray};
+        use tributary_schemas::Reading;
+        let dir = tempfile::tempdir().unwrap();
+        let lake = temp_lake(&dir);
+        // The table as the earlier version wrote it: without `measurement`.
+        let full = Reading::to_batch(&[reading("e1")]).unwrap();
+        let older: Vec<usize> = (0..full.num_columns())
+            .filter(|i| full.schema().field(*i).name() != "measurement")
+            .collect();
+        let table = open_table(&lake, "telemetry")
+            .await
+            .unwrap()
+            .write(vec![full.project(&older).unwrap()])
+            .with_partition_columns(["tenant", "day"])
+            .await
+            .unwrap();
+        let first: Vec<String> = table.get_file_uris().unwrap().collect();
+        assert_eq!(first.len(), 1);
+        check_schema::<Reading>(&table, "telemetry").unwrap();
+        let table = write::<Reading>(
+            table,
+            Reading::to_batch(&[reading("e2")]).unwrap(),
+            vec![],
+            &[],
+        )
+        .await
+        .unwrap();
+        let rows = query(
+            &table,
+            "SELECT event_id, measurement FROM t ORDER BY event_id",
+        )
+        .await;
+        assert_eq!(
+            rows[3..5],
+            ["| e1       |             |", "| e2       | 0           |"]
+        );
+        let files: Vec<String> = table.get_file_uris().unwrap().collect();
+        assert!(first.iter().all(|f| files.contains(f)), "no rewrite");
+        assert_eq!(files.len(), 2);
+
+        // A table whose `value` column holds text cannot take readings.
+        let mut columns: Vec<ArrayRef> = full.columns().to_vec();
+        let mut fields: Vec<arrow::datatypes::FieldRef> = full.schema().fields().to_vec();
+        let at = full.schema().index_of("value").unwrap();
+        columns[at] = Arc::new(StringArray::from(vec!["21.5"]));
+        fields[at] = Arc::new(arrow::datatypes::Field::new(
+            "value",
+            arrow::datatypes::DataType::Utf8,
+            false,
+        ));
+        let schema = Arc::new(arrow::datatypes::Schema::new(fields));
+        let text = RecordBatch::try_new(schema, columns).unwrap();
+        let other = open_table(&lake, "other")
+            .await
+            .unwrap()
+            .write(vec![text])
+            .await
+            .unwrap();
+        let err = check_schema::<Reading>(&other, "other")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "table `other` cannot take these rows: column `value` is Utf8 in the table but Float64 in the rows"
+            ),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! Sinks: Kafka topics into Delta Lake tables on object storage, exactly once.
+//! Sinks: Kafka topics into Delta Lake tables on object storage, exactly once, and into a
+//! time-series store over InfluxDB line protocol.
 //!
 //! This crate owns the Delta sink ([`delta_sink::DeltaSink`]), the lake's table layouts
-//! ([`tables`]: Arrow schemas, partitioning by tenant and day) and where tables live ([`LakeConfig`]:
-//! a local directory or `s3://`).
+//! ([`tables`]: Arrow schemas, partitioning by tenant and day), where tables live ([`LakeConfig`]:
+//! a local directory or `s3://`), and the time-series sink ([`timeseries_sink::TimeSeriesSink`],
+//! points as [`line_protocol`] defines them, at least once and idempotent).
 //!
 //! Exactly once rests on Delta alone (no Kafka transactions): every commit carries `txn` actions
 //! recording, per Kafka partition, the next offset to read, and per raw source partition, the last
@@ -18,7 +20,10 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 pub mod delta_sink;
+pub mod line_protocol;
+pub mod maintenance;
 pub mod tables;
+pub mod timeseries_sink;
 
 /// Errors of the lake.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +38,12 @@ pub enum LakeError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("encoding: {0}")]
     Encode(#[from] tributary_schemas::avro::AvroError),
+    #[error(
+        "table `{table}` cannot take these rows: {reason} (an incompatible schema change: write a new table, e.g. `tributary rebuild {table} --into {table}_v2`)"
+    )]
+    IncompatibleSchema { table: String, reason: String },
+    #[error("time-series store: {0}")]
+    TimeSeries(#[from] timeseries_sink::TimeSeriesError),
     #[error("the consumer lost its partitions {0:?} ago and got none back")]
     Orphaned(std::time::Duration),
 }
@@ -49,6 +60,15 @@ pub struct LakeConfig {
     pub flush_rows: usize,
     /// …or when its oldest row waited this long (milliseconds).
     pub flush_interval_ms: u64,
+    /// Compaction's target file size (`delta.targetFileSize` of tables created from now on).
+    pub target_file_size_bytes: u64,
+    /// A checkpoint every this many commits (`delta.checkpointInterval` of new tables).
+    pub checkpoint_interval: u64,
+    /// Each sink compacts its table's partitions of yesterday and today this often (seconds; 0:
+    /// never), and once a day Z-orders yesterday's by `zorder_by`.
+    pub compact_interval_secs: u64,
+    /// Columns the daily compaction Z-orders by (empty: bin-packing only).
+    pub zorder_by: Vec<String>,
 }
 
 impl std::fmt::Debug for LakeConfig {
@@ -61,6 +81,10 @@ impl std::fmt::Debug for LakeConfig {
             )
             .field("flush_rows", &self.flush_rows)
             .field("flush_interval_ms", &self.flush_interval_ms)
+            .field("target_file_size_bytes", &self.target_file_size_bytes)
+            .field("checkpoint_interval", &self.checkpoint_interval)
+            .field("compact_interval_secs", &self.compact_interval_secs)
+            .field("zorder_by", &self.zorder_by)
             .finish()
     }
 }
@@ -72,6 +96,10 @@ impl Default for LakeConfig {
             storage_options: HashMap::new(),
             flush_rows: 50_000,
             flush_interval_ms: 2_000,
+            target_file_size_bytes: 128 * 1024 * 1024,
+            checkpoint_interval: 100,
+            compact_interval_secs: 3_600,
+            zorder_by: vec!["device".into()],
         }
     }
 }
@@ -124,6 +152,20 @@ impl LakeConfig {
                 url: self.url.clone(),
                 reason: e.to_string(),
             })
+    }
+
+    /// The Delta table properties every table is created with.
+    pub fn table_properties(&self) -> Vec<(String, Option<String>)> {
+        vec![
+            (
+                "delta.targetFileSize".into(),
+                Some(self.target_file_size_bytes.to_string()),
+            ),
+            (
+                "delta.checkpointInterval".into(),
+                Some(self.checkpoint_interval.max(1).to_string()),
+            ),
+        ]
     }
 
     /// Whether the lake is on the local disk.

@@ -135,6 +135,23 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, Q
     }
 }
 
+/// Batches as an Arrow IPC stream (what pyarrow's `ipc.open_stream`, polars and DuckDB read).
+pub fn arrow_ipc(batches: &[RecordBatch]) -> Result<Vec<u8>, QueryError> {
+    let schema = match batches.first() {
+        Some(b) => b.schema(),
+        None => Arc::new(arrow::datatypes::Schema::empty()),
+    };
+    let mut out = Vec::new();
+    {
+        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema)?;
+        for b in batches {
+            w.write(b)?;
+        }
+        w.finish()?;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,10 +182,17 @@ mod tests {
         .unwrap();
         assert_eq!(json[1]["device"], "d2");
         assert!(
-            render(&[batch], OutputFormat::Table)
+            render(std::slice::from_ref(&batch), OutputFormat::Table)
                 .unwrap()
                 .contains("| d1     | 1.5 |")
         );
         assert_eq!(render(&[], OutputFormat::Json).unwrap(), "[]");
+        let ipc = arrow_ipc(std::slice::from_ref(&batch)).unwrap();
+        let back: Vec<RecordBatch> =
+            arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+        assert_eq!(back, vec![batch]);
     }
 }

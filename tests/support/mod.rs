@@ -35,6 +35,8 @@ pub struct Stack {
     pub kafka_port: u16,
     pub mqtt_port: u16,
     pub http_port: u16,
+    /// VictoriaMetrics' port, when a test starts it ([`Stack::start_timeseries_store`]).
+    pub vm_port: u16,
     env: Vec<(String, String)>,
     stack_env: Vec<(String, String)>,
     /// Every process a test started, killed when the stack goes (also when a test panics).
@@ -55,7 +57,8 @@ impl Stack {
         kafka_storage: &str,
     ) -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let (kafka_port, mqtt_port, http_port) = (free_port(), free_port(), free_port());
+        let (kafka_port, mqtt_port, http_port, vm_port) =
+            (free_port(), free_port(), free_port(), free_port());
         let d = dir.path();
         let mut env: Vec<(String, String)> = [
             (
@@ -70,6 +73,8 @@ impl Stack {
             ),
             ("TRIBUTARY_LAKE__URL", d.join("lake").display().to_string()),
             ("TRIBUTARY_LAKE__FLUSH_INTERVAL_MS", "500".into()),
+            // No time-series store unless a test starts one.
+            ("TRIBUTARY_TIMESERIES__URL", String::new()),
             ("TRIBUTARY_REGISTRY__ADMIN_TOKEN", ADMIN_TOKEN.into()),
             (
                 "TRIBUTARY_SIMULATOR__TOKENS_PATH",
@@ -88,6 +93,7 @@ impl Stack {
             ("KAFKA_PORT", kafka_port.to_string()),
             ("MQTT_PORT", mqtt_port.to_string()),
             ("STACK_VM", "0".into()),
+            ("VM_PORT", vm_port.to_string()),
             ("KAFKA_STORAGE", kafka_storage.into()),
         ]
         .into_iter()
@@ -98,6 +104,7 @@ impl Stack {
             kafka_port,
             mqtt_port,
             http_port,
+            vm_port,
             env: env.clone(),
             stack_env,
             children: Default::default(),
@@ -165,6 +172,18 @@ impl Stack {
             .status()
             .unwrap();
         assert!(status.success(), "stack.sh {action} {services:?} failed");
+    }
+
+    /// Starts VictoriaMetrics (`stack.sh up victoria-metrics`) and points `timeseries.url` at it.
+    pub fn start_timeseries_store(&mut self) {
+        self.service("up", &["victoria-metrics"]);
+        let url = self.timeseries_url();
+        self.set_env("TRIBUTARY_TIMESERIES__URL", &url);
+    }
+
+    /// VictoriaMetrics' base URL.
+    pub fn timeseries_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.vm_port)
     }
 
     /// Sets a configuration override (`TRIBUTARY_…`) for every later command.
@@ -311,24 +330,28 @@ impl Stack {
 
     /// Every record of the `raw` topic (the source of truth), decoded, read to its end.
     pub fn raw_envelopes(&self) -> Vec<tributary_schemas::RawEnvelope> {
+        self.records(&tributary_schemas::kafka::KafkaConfig::default().topics.raw)
+    }
+
+    /// Every record of `topic`, decoded.
+    pub fn records<T: tributary_schemas::avro::TopicRecord>(&self, topic: &str) -> Vec<T> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::Message;
         let kafka = tributary_schemas::kafka::KafkaConfig {
             brokers: format!("127.0.0.1:{}", self.kafka_port),
             ..Default::default()
         };
-        let reader: BaseConsumer = kafka.reader("test-raw").create().unwrap();
-        let topic = kafka.topics.raw.clone();
+        let reader: BaseConsumer = kafka.reader(&format!("test-{topic}")).create().unwrap();
         let mut tpl = rdkafka::TopicPartitionList::new();
         let mut remaining = std::collections::HashMap::new();
         for p in 0..kafka.partitions {
             let (low, high) = reader
-                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
                 .unwrap();
             if high > low {
                 remaining.insert(p, high);
             }
-            tpl.add_partition_offset(&topic, p, rdkafka::Offset::Beginning)
+            tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
                 .unwrap();
         }
         reader.assign(&tpl).unwrap();
@@ -547,6 +570,15 @@ pub fn request(
         let status = r.status().as_u16();
         (status, r.json::<Value>().await.unwrap_or(Value::Null))
     })
+}
+
+/// Polls `check` every 300 ms until it holds; fails the test after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// Stops a child for good.
