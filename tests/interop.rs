@@ -25,7 +25,7 @@ fn python() -> PathBuf {
 
 #[test]
 fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
-    let stack = Stack::start(10, &[]);
+    let stack = Stack::start(20, &[]);
     let mut pipeline = stack.spawn_pipeline(0);
     let (status, body) = request(
         "POST",
@@ -47,7 +47,7 @@ fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
     );
     stack.assert_usage_matches_raw(Duration::from_secs(30));
     wait_until("every device in `devices`", Duration::from_secs(30), || {
-        stack.count("devices") == 11
+        stack.count("devices") == 21
     });
     kill(&mut pipeline);
     // Files written by a compaction (Z-ordered) read the same too.
