@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the local stack and the tests need, skipping whatever is already there:
 # Debian's mosquitto, victoria-metrics, postgresql-client and openssl, Tansu 0.6.0 (Kafka-compatible
-# broker) from crates.io, and deltalake + polars (PyPI, in a venv) for the interop check. Safe to
-# run again.
+# broker) from crates.io, and deltalake + polars + moto (PyPI, in a venv) for the interop and S3
+# tests. Safe to run again.
 set -euo pipefail
 
 need_apt=()
@@ -12,6 +12,7 @@ command -v victoria-metrics >/dev/null 2>&1 || need_apt+=(victoria-metrics)
 command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # test key pairs (Ed25519)
+command -v curl >/dev/null 2>&1 || need_apt+=(curl)         # stack.sh creates the S3 bucket
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   sudo_cmd=""
@@ -28,11 +29,12 @@ if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q
   echo "installing tansu 0.6.0 from crates.io (a ~20 minute release build on 2 cores, once)"
   cargo install tansu --version 0.6.0 --locked --no-default-features --features dynostore,libsql
 fi
-# The interop check reads the lake with other engines' readers: delta-rs's Python bindings and
-# polars (PyPI), in a venv beside the cargo target directory.
+# From PyPI, in a venv beside the cargo target directory: the interop check reads the lake with
+# other engines' readers (delta-rs's Python bindings, polars); moto's server is the S3-compatible
+# store of the s3:// tests (it honours If-None-Match, which Delta commits on S3 rely on).
 VENV=${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}
-PY_PACKAGES=(deltalake==1.6.6 polars==2.1.0 pyarrow==26.0.1)
-if ! "$VENV/bin/python" -c 'import deltalake, polars, pyarrow' >/dev/null 2>&1; then
+PY_PACKAGES=(deltalake==1.6.6 polars==2.1.0 pyarrow==26.0.1 "moto[server]==5.2.5")
+if ! "$VENV/bin/python" -c 'import deltalake, polars, pyarrow, moto.server' >/dev/null 2>&1; then
   echo "installing ${PY_PACKAGES[*]} into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"

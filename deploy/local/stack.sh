@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Starts or stops the local stack on loopback only: Tansu (Kafka-compatible broker), Mosquitto (MQTT,
-# password file + per-device ACL) and VictoriaMetrics (InfluxDB line protocol).
+# password file + per-device ACL), VictoriaMetrics (InfluxDB line protocol) and, on request, an
+# S3-compatible object store (moto's server, which honours conditional puts) for an `s3://` lake.
 #
-#   deploy/local/stack.sh up | down | status [service...]   (services: tansu mosquitto victoria-metrics;
-#                                                            default: all of them)
+#   deploy/local/stack.sh up | down | status [service...]   (services: tansu mosquitto victoria-metrics
+#                                                            s3; default: all but s3)
 #   deploy/local/stack.sh pause | resume <service...>      freeze / thaw a running service (SIGSTOP /
 #                                                            SIGCONT), e.g. to test a broker outage
 #
 # Environment (defaults in brackets):
 #   STACK_DIR [./data/local]   state, logs, pid files and generated configs
-#   KAFKA_PORT [9092]  MQTT_PORT [1883]  VM_PORT [8428]
+#   KAFKA_PORT [9092]  MQTT_PORT [1883]  VM_PORT [8428]  S3_PORT [9000]  S3_BUCKET [tributary-lake]
+#   TRIBUTARY_VENV [~/.cache/tributary/venv]   where install.sh put moto
 #   KAFKA_STORAGE [memory://tansu/]  or sqlite://tansu.db (durable; relative to STACK_DIR)
 #   STACK_VM [1]               0 to skip VictoriaMetrics
 #   MQTT_TOPIC_PATTERN [devices/%u/telemetry]   the ACL pattern devices may publish to
@@ -22,6 +24,9 @@ STACK_DIR=${STACK_DIR:-./data/local}
 KAFKA_PORT=${KAFKA_PORT:-9092}
 MQTT_PORT=${MQTT_PORT:-1883}
 VM_PORT=${VM_PORT:-8428}
+S3_PORT=${S3_PORT:-9000}
+S3_BUCKET=${S3_BUCKET:-tributary-lake}
+VENV=${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}
 KAFKA_STORAGE=${KAFKA_STORAGE:-memory://tansu/}
 STACK_VM=${STACK_VM:-1}
 MQTT_TOPIC_PATTERN=${MQTT_TOPIC_PATTERN:-devices/%u/telemetry}
@@ -34,9 +39,10 @@ if [ ${#SERVICES[@]} -eq 0 ]; then
   SERVICES=(tansu mosquitto)
   # `down` and `status` cover every service, whatever STACK_VM says.
   if [ "$STACK_VM" = 1 ] || [ "$ACTION" != up ]; then SERVICES+=(victoria-metrics); fi
+  if [ "$ACTION" != up ]; then SERVICES+=(s3); fi
 fi
 for s in "${SERVICES[@]}"; do
-  case "$s" in tansu|mosquitto|victoria-metrics) ;; *) echo "unknown service: $s" >&2; exit 2 ;; esac
+  case "$s" in tansu|mosquitto|victoria-metrics|s3) ;; *) echo "unknown service: $s" >&2; exit 2 ;; esac
 done
 want() { local s; for s in "${SERVICES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
@@ -110,13 +116,22 @@ case "$ACTION" in
       start victoria-metrics victoria-metrics -httpListenAddr "127.0.0.1:$VM_PORT" -storageDataPath "$STACK_DIR/victoria-metrics" \
         -dedup.minScrapeInterval=1ms
     fi
+    if want s3; then
+      [ -x "$VENV/bin/moto_server" ] || { echo "moto is not installed: run deploy/local/install.sh" >&2; exit 1; }
+      start s3 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT"
+    fi
     ! want tansu || wait_port "$KAFKA_PORT" tansu
     ! want mosquitto || wait_port "$MQTT_PORT" mosquitto
     ! want victoria-metrics || wait_port "$VM_PORT" victoria-metrics
+    if want s3; then
+      wait_port "$S3_PORT" s3
+      # The lake's bucket (moto keeps objects in memory: a new server starts empty).
+      curl -sf -X PUT "http://127.0.0.1:$S3_PORT/$S3_BUCKET" -o /dev/null
+    fi
     echo "stack up (${SERVICES[*]}): kafka 127.0.0.1:$KAFKA_PORT, mqtt 127.0.0.1:$MQTT_PORT, victoria-metrics 127.0.0.1:$VM_PORT (state in $STACK_DIR)"
     ;;
   down)
-    for name in victoria-metrics mosquitto tansu; do
+    for name in s3 victoria-metrics mosquitto tansu; do
       if want "$name" && [ -f "$STACK_DIR/$name.pid" ]; then
         pid=$(cat "$STACK_DIR/$name.pid")
         kill "$pid" 2>/dev/null || true

@@ -187,6 +187,8 @@ struct PartitionState {
     next: Option<i64>,
     /// Next offset as of the last commit.
     committed: Option<i64>,
+    /// The first offset taken since the last commit: where to read again if the commit fails.
+    first: Option<i64>,
 }
 
 /// Drains `topic` into the Delta table `table`.
@@ -308,6 +310,7 @@ impl<R: LakeRow> DeltaSink<R> {
                         tracing::debug!(partition = p, expected = next, got = offset, "offset gap");
                     }
                     state.next = Some(offset + 1);
+                    state.first.get_or_insert(offset);
                     let row = match msg.payload() {
                         Some(payload) => match decode::<R::Record>(payload) {
                             Ok(record) => match R::from_record(record) {
@@ -394,6 +397,7 @@ impl<R: LakeRow> DeltaSink<R> {
                     written += count as u64;
                     for s in parts.values_mut() {
                         s.committed = s.next;
+                        s.first = None;
                     }
                     rows.clear();
                     row_parts.clear();
@@ -412,19 +416,31 @@ impl<R: LakeRow> DeltaSink<R> {
                     }
                 }
                 Err(e) => {
-                    // Another writer got these partitions, or storage failed: start over from what the
-                    // table says. Nothing is lost: uncommitted rows are read again from Kafka.
+                    // A concurrent writer's commit conflicted, another instance got these partitions,
+                    // or storage failed: start over from what the table says, reading the
+                    // uncommitted records again from Kafka (the consumer is rewound to them).
                     tracing::warn!(table = %self.table, error = %e, "delta commit failed; re-reading from the table's recorded offsets");
                     rows.clear();
                     row_parts.clear();
                     touched_sources.clear();
                     sources.clear();
                     oldest = None;
-                    for s in parts.values_mut() {
-                        *s = PartitionState::default();
-                    }
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     table = open_table(&self.lake, &self.table).await?;
+                    for (p, s) in parts.iter_mut() {
+                        let stored = txn_version(&table, &self.partition_app_id(*p)).await?;
+                        if let Some(target) = stored.or(s.first) {
+                            tokio::task::block_in_place(|| {
+                                consumer.seek(
+                                    &self.topic,
+                                    *p,
+                                    Offset::Offset(target),
+                                    Duration::from_secs(10),
+                                )
+                            })?;
+                        }
+                        *s = PartitionState::default();
+                    }
                 }
             }
         }

@@ -37,6 +37,8 @@ pub struct Stack {
     pub http_port: u16,
     /// VictoriaMetrics' port, when a test starts it ([`Stack::start_timeseries_store`]).
     pub vm_port: u16,
+    /// The S3-compatible store's port, when a test starts it ([`Stack::start_object_store`]).
+    pub s3_port: u16,
     env: Vec<(String, String)>,
     stack_env: Vec<(String, String)>,
     /// Every process a test started, killed when the stack goes (also when a test panics).
@@ -57,8 +59,13 @@ impl Stack {
         kafka_storage: &str,
     ) -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let (kafka_port, mqtt_port, http_port, vm_port) =
-            (free_port(), free_port(), free_port(), free_port());
+        let (kafka_port, mqtt_port, http_port, vm_port, s3_port) = (
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+            free_port(),
+        );
         let d = dir.path();
         let mut env: Vec<(String, String)> = [
             (
@@ -94,6 +101,7 @@ impl Stack {
             ("MQTT_PORT", mqtt_port.to_string()),
             ("STACK_VM", "0".into()),
             ("VM_PORT", vm_port.to_string()),
+            ("S3_PORT", s3_port.to_string()),
             ("KAFKA_STORAGE", kafka_storage.into()),
         ]
         .into_iter()
@@ -105,6 +113,7 @@ impl Stack {
             mqtt_port,
             http_port,
             vm_port,
+            s3_port,
             env: env.clone(),
             stack_env,
             children: Default::default(),
@@ -179,6 +188,22 @@ impl Stack {
         self.service("up", &["victoria-metrics"]);
         let url = self.timeseries_url();
         self.set_env("TRIBUTARY_TIMESERIES__URL", &url);
+    }
+
+    /// Starts the S3-compatible store (`stack.sh up s3`) and moves the lake onto it:
+    /// `s3://tributary-lake/lake`, its endpoint and credentials in `tributary.toml`.
+    pub fn start_object_store(&mut self) {
+        self.service("up", &["s3"]);
+        let config = self.path().join("tributary.toml");
+        let mut toml = std::fs::read_to_string(&config).unwrap_or_default();
+        toml.push_str(&format!(
+            "\n[lake.storage_options]\nAWS_ENDPOINT_URL = \"http://127.0.0.1:{}\"\n\
+             AWS_ALLOW_HTTP = \"true\"\nAWS_REGION = \"us-east-1\"\n\
+             AWS_ACCESS_KEY_ID = \"tributary-test\"\nAWS_SECRET_ACCESS_KEY = \"tributary-test-secret\"\n",
+            self.s3_port
+        ));
+        std::fs::write(&config, toml).unwrap();
+        self.set_env("TRIBUTARY_LAKE__URL", "s3://tributary-lake/lake");
     }
 
     /// VictoriaMetrics' base URL.
