@@ -85,13 +85,19 @@ fn devices_to_sql_end_to_end() {
 
     // A probe with known values for the aggregate, SenML with one non-numeric record, and an
     // MQTT user unknown to the registry.
+    // The probe's readings are two days old (within the catalog's maximum age), in their own day.
+    let probe_day = (chrono::Utc::now() - chrono::Duration::days(2)).date_naive();
+    let probe_time = format!("{probe_day}T10:00:00Z");
     let probe: String = (1..=10)
-        .map(|i| json!({"id": format!("probe-{i}"), "time": "2026-11-20T10:00:00Z", "metrics": {"probe": {"value": i as f64 * 1.5, "unit": "V"}}}).to_string() + "\n")
+        .map(|i| json!({"id": format!("probe-{i}"), "time": probe_time, "metrics": {"probe": {"value": i as f64 * 1.5, "unit": "V"}}}).to_string() + "\n")
         .collect();
     let (s, b) = post(&url, &token(2), "application/x-ndjson", &probe);
     assert_eq!((s, b["accepted"].as_u64()), (202, Some(10)), "{b}");
-    let senml = r#"[{"bn":"urn:dev:x:","bt":1.7636e9,"n":"senml_t","u":"Cel","v":21.5},{"n":"senml_h","v":40},{"n":"senml_label","vs":"door"}]"#;
-    let (s, _) = post(&url, &token(3), "application/senml+json", senml);
+    let senml = format!(
+        r#"[{{"bn":"urn:dev:x:","bt":{},"n":"senml_t","u":"Cel","v":21.5}},{{"n":"senml_h","v":40}},{{"n":"senml_label","vs":"door"}}]"#,
+        chrono::Utc::now().timestamp() - 60
+    );
+    let (s, _) = post(&url, &token(3), "application/senml+json", &senml);
     assert_eq!(s, 202);
     let ghost: Vec<String> = (0..5)
         .map(|i| json!({"id": format!("g{i}"), "metrics": {"t": 1}}).to_string())
@@ -153,7 +159,9 @@ fn devices_to_sql_end_to_end() {
     let probe_rows = stack.sql("SELECT DISTINCT tenant, device, CAST(day AS VARCHAR) AS day FROM telemetry WHERE metric = 'probe'");
     assert_eq!(
         probe_rows,
-        vec![json!({"tenant": secrets[2]["tenant"], "device": device(2), "day": "2026-11-20"})]
+        vec![
+            json!({"tenant": secrets[2]["tenant"], "device": device(2), "day": probe_day.to_string()})
+        ]
     );
 
     // Dead letters carry rule, field, reason and provenance; simulated malformed messages are all there.

@@ -79,4 +79,15 @@ echo "The latest dead letters, each with its rule, field and reason (tributary d
 echo "Usage metered from the raw log, and the device registry as a table:"
 "$bin" sql "SELECT u.tenant, count(DISTINCT u.device) AS devices, sum(u.events) AS events, sum(u.bytes) AS bytes FROM usage u GROUP BY u.tenant ORDER BY u.tenant"
 "$bin" sql "SELECT tenant, model, count(*) AS devices FROM devices GROUP BY tenant, model ORDER BY tenant"
+echo "The same readings in the time-series store (VictoriaMetrics on 127.0.0.1:8428; series per metric, readings):"
+vm=http://127.0.0.1:${VM_PORT:-8428}
+curl -s "$vm/internal/force_flush" >/dev/null || true
+curl -s "$vm/api/v1/query" --data-urlencode 'query=count by (__name__) (count_over_time({__name__=~"telemetry_.*"}[30d]))' >"$STACK_DIR/vm-series.json" || true
+curl -s "$vm/api/v1/query" --data-urlencode 'query=sum by (__name__) (count_over_time({__name__=~"telemetry_.*"}[30d]))' >"$STACK_DIR/vm-points.json" || true
+python3 - "$STACK_DIR/vm-series.json" "$STACK_DIR/vm-points.json" <<'PY' || true
+import json, sys
+series, points = ({r["metric"]["__name__"]: r["value"][1] for r in json.load(open(p))["data"]["result"]} for p in sys.argv[1:])
+for name in sorted(points):
+    print(f"  {name:<32} {series.get(name, '?'):>5} series {points[name]:>9} points")
+PY
 echo "Query it yourself: $bin sql \"SELECT * FROM telemetry LIMIT 10\""

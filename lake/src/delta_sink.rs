@@ -23,15 +23,15 @@ use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
-use tributary_schemas::avro::{self, TopicRecord, decode};
+use tributary_schemas::avro::{TopicRecord, decode};
 use tributary_schemas::kafka::{KafkaConfig, PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 use tributary_schemas::{DeadLetter, now_micros};
 
 use crate::maintenance::{self, Compaction};
 use crate::tables::{LakeRow, TableWrite};
-use crate::{LakeConfig, LakeError};
+use crate::{LakeConfig, LakeError, rewind, send_dead_letter};
 
 /// Packs a source position into one `txn` version: offset × 2¹⁶ + index.
 pub fn source_seq(offset: i64, index: i32) -> i64 {
@@ -430,14 +430,7 @@ impl<R: LakeRow> DeltaSink<R> {
                     for (p, s) in parts.iter_mut() {
                         let stored = txn_version(&table, &self.partition_app_id(*p)).await?;
                         if let Some(target) = stored.or(s.first) {
-                            tokio::task::block_in_place(|| {
-                                consumer.seek(
-                                    &self.topic,
-                                    *p,
-                                    Offset::Offset(target),
-                                    Duration::from_secs(10),
-                                )
-                            })?;
+                            rewind(&consumer, &self.topic, *p, target)?;
                         }
                         *s = PartitionState::default();
                     }
@@ -502,15 +495,7 @@ impl<R: LakeRow> DeltaSink<R> {
             original: bytes.to_vec(),
             measurement: None,
         };
-        let encoded = avro::encode(&dl)?;
-        let record = FutureRecord::to(&self.kafka.topics.deadletter)
-            .key("")
-            .payload(&encoded);
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| LakeError::Kafka(e))?;
-        Ok(())
+        send_dead_letter(producer, &self.kafka.topics.deadletter, &dl).await
     }
 }
 

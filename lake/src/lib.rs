@@ -176,6 +176,44 @@ impl LakeConfig {
     }
 }
 
+/// Sends a dead letter of a sink to `topic` (`kafka.topics.deadletter`), keyed by device, and waits
+/// for Kafka's acknowledgement.
+pub(crate) async fn send_dead_letter(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    dead_letter: &tributary_schemas::DeadLetter,
+) -> Result<(), LakeError> {
+    let encoded = tributary_schemas::avro::encode(dead_letter)?;
+    let record = rdkafka::producer::FutureRecord::to(topic)
+        .key(dead_letter.device.as_str())
+        .payload(&encoded);
+    producer
+        .send(record, std::time::Duration::from_secs(30))
+        .await
+        .map_err(|(e, _)| LakeError::Kafka(e))?;
+    Ok(())
+}
+
+/// Moves a consumer's position in one partition back to `offset`, so the records from there are
+/// read again (a blocking librdkafka call: kept off the async workers).
+pub(crate) fn rewind<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::StreamConsumer<C>,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Result<(), LakeError> {
+    use rdkafka::consumer::Consumer;
+    tokio::task::block_in_place(|| {
+        consumer.seek(
+            topic,
+            partition,
+            rdkafka::Offset::Offset(offset),
+            std::time::Duration::from_secs(10),
+        )
+    })?;
+    Ok(())
+}
+
 fn with_trailing_slash(mut u: Url) -> Url {
     if !u.path().ends_with('/') {
         let p = format!("{}/", u.path());

@@ -24,16 +24,16 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use tributary_schemas::avro::{self, decode};
+use tributary_schemas::avro::decode;
 use tributary_schemas::kafka::{KafkaConfig, PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading, now_micros};
 
-use crate::LakeError;
 use crate::line_protocol::{push_point, series_key};
+use crate::{LakeError, rewind, send_dead_letter};
 
 /// Errors of the time-series sink's configuration.
 #[derive(Debug, thiserror::Error)]
@@ -476,14 +476,7 @@ impl TimeSeriesSink {
             consumer.resume(&resume)?;
             for (p, offset) in refetch {
                 if current.find_partition(&self.topic, p).is_some() {
-                    tokio::task::block_in_place(|| {
-                        consumer.seek(
-                            &self.topic,
-                            p,
-                            Offset::Offset(offset),
-                            Duration::from_secs(10),
-                        )
-                    })?;
+                    rewind(consumer, &self.topic, p, offset)?;
                 }
             }
         }
@@ -522,15 +515,7 @@ impl TimeSeriesSink {
             original: line.as_bytes().to_vec(),
             measurement: None,
         };
-        let encoded = avro::encode(&dl)?;
-        let record = FutureRecord::to(&self.kafka.topics.deadletter)
-            .key(dl.device.as_str())
-            .payload(&encoded);
-        producer
-            .send(record, Duration::from_secs(30))
-            .await
-            .map_err(|(e, _)| LakeError::Kafka(e))?;
-        Ok(())
+        send_dead_letter(producer, &self.kafka.topics.deadletter, &dl).await
     }
 }
 
