@@ -11,6 +11,7 @@ use tributary_ingest::http::HttpConfig;
 use tributary_ingest::mqtt::MqttConfig;
 use tributary_lake::LakeConfig;
 use tributary_lake::timeseries_sink::TimeSeriesConfig;
+use tributary_query::QueryConfig;
 use tributary_registry::RegistryConfig;
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_streams::cleanse::CleanseConfig;
@@ -46,6 +47,7 @@ pub struct Config {
     pub cleanse: CleanseConfig,
     pub lake: LakeConfig,
     pub timeseries: TimeSeriesConfig,
+    pub query: QueryConfig,
     pub simulator: SimulatorConfig,
 }
 
@@ -62,7 +64,7 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Environment variables that are not config keys.
-const NOT_KEYS: [&str; 2] = ["config", "log"];
+const NOT_KEYS: [&str; 4] = ["config", "log", "sql_server", "sql_token"];
 
 impl Config {
     /// Defaults, then the file (if given, or `./tributary.toml` if present), then the environment.
@@ -209,6 +211,19 @@ impl Config {
         if self.timeseries.flush_interval_ms == 0 {
             return bad("timeseries.flush_interval_ms", &0, "must be at least 1");
         }
+        self.query.validate().map_err(ConfigError)?;
+        for (key, addr) in [
+            ("query.http_listen", &self.query.http_listen),
+            ("query.pg_listen", &self.query.pg_listen),
+        ] {
+            if !addr.is_empty() && addr.parse::<SocketAddr>().is_err() {
+                return bad(
+                    key,
+                    &format!("{addr:?}"),
+                    "must be host:port (or \"\" to disable)",
+                );
+            }
+        }
         if !self.simulator.http_url.starts_with("http://")
             && !self.simulator.http_url.starts_with("https://")
         {
@@ -238,6 +253,7 @@ impl Config {
                 *secret = Some("<redacted>".into());
             }
         }
+        c.query = c.query.redacted();
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 }

@@ -48,12 +48,19 @@ enum Command {
     /// Simulate devices sending telemetry (plausible metrics, a few malformed messages, duplicates),
     /// then print a JSON summary of what was sent and what the lake should hold.
     Simulate(simulator::SimulateArgs),
-    /// Run SQL over every lake table and print the result.
+    /// Run SQL over every lake table and print the result: on the lake itself (as the local
+    /// operator), or on a query server (`--server`) as a `[query.users]` user.
     Sql {
         /// The SQL statement, e.g. "SELECT device, avg(value) FROM telemetry GROUP BY device".
         query: String,
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// A query server's base URL, e.g. http://127.0.0.1:8081 (its `POST /v1/sql`).
+        #[arg(long, env = "TRIBUTARY_SQL_SERVER")]
+        server: Option<String>,
+        /// The user's token (or password) on the server.
+        #[arg(long, env = "TRIBUTARY_SQL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
     },
     /// Kafka topics.
     Topics {
@@ -108,6 +115,53 @@ enum Format {
     Arrow,
 }
 
+/// `tributary sql --server`: the query server answers in the wanted format (Arrow IPC for
+/// `--format arrow`, CSV rendered as is, JSON pretty-printed, a table drawn from Arrow).
+async fn remote_sql(
+    server: &str,
+    token: Option<&str>,
+    query: &str,
+    format: Format,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let token = token.context("--server needs --token (or TRIBUTARY_SQL_TOKEN)")?;
+    let wire = match format {
+        Format::Csv => "csv",
+        Format::Json => "json",
+        Format::Table | Format::Arrow => "arrow",
+    };
+    let url = format!("{}/v1/sql", server.trim_end_matches('/'));
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(token)
+        .json(&serde_json::json!({ "sql": query, "format": wire }))
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let body = response.bytes().await.context("reading the answer")?;
+    if !status.is_success() {
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        anyhow::bail!("query failed ({status}): {message}");
+    }
+    match format {
+        Format::Table => {
+            let batches: Vec<arrow::array::RecordBatch> =
+                arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(body), None)?
+                    .collect::<Result<_, _>>()?;
+            println!(
+                "{}",
+                tributary_query::render(&batches, tributary_query::OutputFormat::Table)?
+            );
+        }
+        _ => std::io::stdout().lock().write_all(&body)?,
+    }
+    Ok(())
+}
+
 fn init_tracing() {
     let filter = EnvFilter::try_from_env("TRIBUTARY_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
@@ -135,7 +189,13 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Run { stages } => pipeline::run(config, &stages).await,
             Command::Simulate(args) => simulator::run(&config, args).await,
-            Command::Sql { query, format } => {
+            Command::Sql {
+                query,
+                format,
+                server: Some(server),
+                token,
+            } => remote_sql(&server, token.as_deref(), &query, format).await,
+            Command::Sql { query, format, .. } => {
                 let engine = tributary_query::SqlEngine::over_lake(&config.lake).await?;
                 let batches = engine
                     .query(&query)

@@ -12,6 +12,8 @@
 //! admins ─HTTP─▶ http (/v1/tenants/{t}/catalog) ─▶ catalog ─▶ the metric catalog of cleanse
 //!
 //! telemetry ─▶ timeseries ─line protocol─▶ InfluxDB 2/3 or VictoriaMetrics (tags from registry)
+//!
+//! data engineers ─psql / HTTP─▶ query (Postgres wire protocol, POST /v1/sql) ─▶ every lake table
 //! ```
 
 use std::sync::Arc;
@@ -29,6 +31,9 @@ use tributary_lake::tables::LakeRow;
 use tributary_lake::tables::devices::DeviceState;
 use tributary_lake::tables::usage::UsageEvent;
 use tributary_lake::timeseries_sink::TimeSeriesSink;
+use tributary_query::QueryService;
+use tributary_query::http::SqlHttp;
+use tributary_query::pg::PgServer;
 use tributary_registry::api::RegistryApi;
 use tributary_registry::catalog::CatalogWriter;
 use tributary_registry::follower;
@@ -56,6 +61,8 @@ pub enum Stage {
     Lake,
     /// Time-series sink: telemetry → an InfluxDB-2-compatible write API (`[timeseries]`).
     Timeseries,
+    /// SQL over the lake for `[query.users]`: Postgres wire protocol and `POST /v1/sql`.
+    Query,
 }
 
 /// The stages one process runs.
@@ -177,6 +184,9 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             async move { Ok(cleanse.run().await?) }
         });
     }
+    if stage.includes(Stage::Query) {
+        spawn_query(&mut tasks, &config, stage.0.contains(&Stage::Query))?;
+    }
     if stage.includes(Stage::Lake) {
         let topics = &config.kafka.topics;
         spawn_sink::<Reading>(&mut tasks, &config, &topics.telemetry, "lake-telemetry");
@@ -199,6 +209,45 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The SQL endpoints; with no `[query.users]` they are not started (an explicit `run query` fails).
+fn spawn_query(
+    tasks: &mut JoinSet<anyhow::Result<&'static str>>,
+    config: &Config,
+    explicit: bool,
+) -> anyhow::Result<()> {
+    let query = &config.query;
+    if query.users.is_empty() {
+        if explicit {
+            anyhow::bail!("stage query needs users: configure `[query.users.<name>]`");
+        }
+        tracing::info!("no `[query.users]`: the SQL endpoints are not started");
+        return Ok(());
+    }
+    let service = Arc::new(QueryService::new(config.lake.clone(), query.limits()));
+    if !query.http_listen.is_empty() {
+        let http = SqlHttp::new(service.clone(), query.clone())
+            .with_openapi(tributary_ingest::http::OPENAPI);
+        let listen = query.http_listen.clone();
+        tasks.spawn(async move {
+            http.serve(&listen)
+                .await
+                .with_context(|| format!("sql over http on {listen}"))?;
+            Ok("query http")
+        });
+    }
+    if !query.pg_listen.is_empty() {
+        let pg = PgServer::new(service, query.clone());
+        let listen = query.pg_listen.clone();
+        tasks.spawn(async move {
+            pg.serve(&listen)
+                .await
+                .with_context(|| format!("postgres wire protocol on {listen}"))?;
+            Ok("query pg")
+        });
+    }
+    Ok(())
 }
 
 /// A supervised Delta sink draining `topic` into `R`'s table.

@@ -1,22 +1,36 @@
-//! SQL over the lake with DataFusion.
+//! SQL over the lake with DataFusion, for users of many tenants.
 //!
-//! This crate owns the query engine ([`SqlEngine`]: every Delta table under the lake root registered
-//! by its name, at its latest version) and result formatting ([`OutputFormat`]).
+//! This crate owns the query engine: [`QueryService`] (a session per query over the latest version
+//! of every Delta table, tenant isolation below SQL, role checks, the limits of one query), its
+//! endpoints ([`http`]: `POST /v1/sql`; [`pg`]: the Postgres wire protocol), their configuration
+//! ([`config`]), result formats ([`format`]), and [`SqlEngine`], the local operator's engine behind
+//! `tributary sql`, dead-letter tools and rebuild checks.
 //!
 //! It must not touch: Kafka, or any table's data (it only reads).
+
+pub mod config;
+pub mod format;
+pub mod http;
+pub mod pg;
+pub mod service;
 
 use std::sync::Arc;
 
 use arrow::array::RecordBatch;
+use datafusion::error::DataFusionError;
 use datafusion::prelude::SessionContext;
 use tributary_lake::LakeConfig;
 use tributary_lake::delta_sink::open_table;
 
-/// Errors of the query engine.
+pub use config::{Principal, QueryConfig, QueryLimits, Role};
+pub use format::{OutputFormat, arrow_ipc, render};
+pub use service::{QueryService, QueryStream};
+
+/// Errors of the query engine. [`QueryError::is_users_fault`] tells a bad query from a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    #[error("{0}")]
-    DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error("{}", .0.strip_backtrace())]
+    DataFusion(#[from] DataFusionError),
     #[error("{0}")]
     Arrow(#[from] arrow::error::ArrowError),
     #[error("{0}")]
@@ -25,21 +39,72 @@ pub enum QueryError {
     Delta(#[from] deltalake::DeltaTableError),
     #[error("listing the lake: {0}")]
     Io(#[from] std::io::Error),
+    #[error("not allowed: {0}")]
+    NotAllowed(String),
+    #[error("too many queries running (query.max_concurrent = {0}); retry shortly")]
+    Busy(usize),
+    #[error("query timed out after {0} s (query.timeout_secs)")]
+    Timeout(u64),
+    #[error("result has more than {0} rows (query.max_rows); add a LIMIT or aggregate")]
+    TooManyRows(usize),
+    #[error("query needs more memory than its limit (query.max_memory_mb): {0}")]
+    MemoryLimit(String),
 }
 
-/// How results are printed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OutputFormat {
-    #[default]
-    Table,
-    Csv,
-    Json,
+impl QueryError {
+    /// Normalises DataFusion's errors: memory-pool exhaustion becomes [`QueryError::MemoryLimit`].
+    pub fn classify(self) -> Self {
+        match self {
+            QueryError::DataFusion(e) => match e.find_root() {
+                DataFusionError::ResourcesExhausted(msg) => QueryError::MemoryLimit(msg.clone()),
+                _ => QueryError::DataFusion(e),
+            },
+            other => other,
+        }
+    }
+
+    /// A query the user should change (syntax, unknown table or column, types), not a failure.
+    pub fn is_users_fault(&self) -> bool {
+        match self {
+            QueryError::DataFusion(e) => matches!(
+                e.find_root(),
+                DataFusionError::SQL(..)
+                    | DataFusionError::Plan(_)
+                    | DataFusionError::SchemaError(..)
+                    | DataFusionError::NotImplemented(_)
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Every table under the lake root: the pipeline's tables, and on a local lake every directory
+/// holding a Delta log (rebuilt tables, …).
+pub fn lake_table_names(lake: &LakeConfig) -> Result<Vec<String>, QueryError> {
+    let mut names: Vec<String> = KNOWN_TABLES.iter().map(|s| s.to_string()).collect();
+    if lake.is_local()
+        && let Ok(root) = lake.root_url()
+        && let Ok(dir) = root.to_file_path()
+        && dir.is_dir()
+    {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            if entry.path().join("_delta_log").is_dir()
+                && let Some(name) = entry.file_name().to_str()
+                && !names.iter().any(|n| n == name)
+            {
+                names.push(name.to_owned());
+            }
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 /// Tables the pipeline writes, registered even on object stores that cannot be listed cheaply.
 pub const KNOWN_TABLES: [&str; 4] = tributary_lake::tables::TABLES;
 
-/// A DataFusion session with every lake table registered.
+/// The local operator's engine: one DataFusion session with every lake table registered, unscoped.
 pub struct SqlEngine {
     ctx: SessionContext,
     tables: Vec<String>,
@@ -49,21 +114,7 @@ impl SqlEngine {
     /// Registers every Delta table under the lake root.
     pub async fn over_lake(lake: &LakeConfig) -> Result<Self, QueryError> {
         let ctx = SessionContext::new();
-        let mut names: Vec<String> = KNOWN_TABLES.iter().map(|s| s.to_string()).collect();
-        if lake.is_local()
-            && let Ok(root) = lake.root_url()
-            && let Ok(dir) = root.to_file_path()
-        {
-            for entry in std::fs::read_dir(dir)? {
-                let entry = entry?;
-                if entry.path().join("_delta_log").is_dir()
-                    && let Some(name) = entry.file_name().to_str()
-                    && !names.iter().any(|n| n == name)
-                {
-                    names.push(name.to_owned());
-                }
-            }
-        }
+        let names = lake_table_names(lake)?;
         let mut engine = Self {
             ctx,
             tables: Vec::new(),
@@ -99,100 +150,5 @@ impl SqlEngine {
     /// Runs one SQL statement.
     pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, QueryError> {
         Ok(self.ctx.sql(sql).await?.collect().await?)
-    }
-}
-
-/// Renders batches as a table, CSV (with header) or JSON (an array of objects).
-pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, QueryError> {
-    match format {
-        OutputFormat::Table => Ok(arrow::util::pretty::pretty_format_batches(batches)?.to_string()),
-        OutputFormat::Csv => {
-            let mut out = Vec::new();
-            {
-                let mut w = arrow::csv::WriterBuilder::new()
-                    .with_header(true)
-                    .build(&mut out);
-                for b in batches {
-                    w.write(b)?;
-                }
-            }
-            Ok(String::from_utf8_lossy(&out).into_owned())
-        }
-        OutputFormat::Json => {
-            let mut out = Vec::new();
-            {
-                let mut w = arrow::json::ArrayWriter::new(&mut out);
-                for b in batches {
-                    w.write(b)?;
-                }
-                w.finish()?;
-            }
-            if out.is_empty() {
-                out.extend_from_slice(b"[]");
-            }
-            Ok(String::from_utf8_lossy(&out).into_owned())
-        }
-    }
-}
-
-/// Batches as an Arrow IPC stream (what pyarrow's `ipc.open_stream`, polars and DuckDB read).
-pub fn arrow_ipc(batches: &[RecordBatch]) -> Result<Vec<u8>, QueryError> {
-    let schema = match batches.first() {
-        Some(b) => b.schema(),
-        None => Arc::new(arrow::datatypes::Schema::empty()),
-    };
-    let mut out = Vec::new();
-    {
-        let mut w = arrow::ipc::writer::StreamWriter::try_new(&mut out, &schema)?;
-        for b in batches {
-            w.write(b)?;
-        }
-        w.finish()?;
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow::array::{Float64Array, StringArray};
-    use arrow::datatypes::{DataType, Field, Schema};
-
-    #[test]
-    fn renders_csv_and_json() {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("device", DataType::Utf8, false),
-            Field::new("avg", DataType::Float64, false),
-        ]));
-        let batch = RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from(vec!["d1", "d2"])),
-                Arc::new(Float64Array::from(vec![1.5, 2.0])),
-            ],
-        )
-        .unwrap();
-        assert_eq!(
-            render(std::slice::from_ref(&batch), OutputFormat::Csv).unwrap(),
-            "device,avg\nd1,1.5\nd2,2.0\n"
-        );
-        let json: serde_json::Value = serde_json::from_str(
-            &render(std::slice::from_ref(&batch), OutputFormat::Json).unwrap(),
-        )
-        .unwrap();
-        assert_eq!(json[1]["device"], "d2");
-        assert!(
-            render(std::slice::from_ref(&batch), OutputFormat::Table)
-                .unwrap()
-                .contains("| d1     | 1.5 |")
-        );
-        assert_eq!(render(&[], OutputFormat::Json).unwrap(), "[]");
-        let ipc = arrow_ipc(std::slice::from_ref(&batch)).unwrap();
-        let back: Vec<RecordBatch> =
-            arrow::ipc::reader::StreamReader::try_new(std::io::Cursor::new(ipc), None)
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-        assert_eq!(back, vec![batch]);
     }
 }

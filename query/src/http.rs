@@ -1,0 +1,276 @@
+//! `POST /v1/sql`: SQL over HTTP, authenticated, answered as JSON, CSV, Arrow IPC stream or Parquet.
+//!
+//! Request: `{"sql": "SELECT …", "format": "json" | "csv" | "arrow" | "parquet"}`; without `format`,
+//! the `Accept` header chooses (JSON by default). Credentials: `Authorization: Bearer <token>` or
+//! HTTP Basic (`user:password`) of a `[query.users]` entry.
+//!
+//! Results stream: the first MiB is encoded before the status line is sent, so a query failing
+//! early (or a small result over a limit) gets a proper error status; a larger result streams, and a
+//! limit hit after that ends the response without the format's closing bytes (a truncated JSON
+//! array, CSV without its end, Arrow without end-of-stream, Parquet without footer), so no client
+//! mistakes a cut result for a whole one; the server logs why.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::{Principal, QueryConfig};
+use crate::format::{StreamEncoder, WireFormat};
+use crate::{QueryError, QueryService, QueryStream};
+
+/// Bytes encoded before the response starts.
+const PREBUFFER_BYTES: usize = 1 << 20;
+
+/// The HTTP SQL endpoint.
+pub struct SqlHttp {
+    state: Arc<HttpState>,
+}
+
+struct HttpState {
+    service: Arc<QueryService>,
+    config: QueryConfig,
+    openapi: Option<&'static str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlRequest {
+    sql: String,
+    #[serde(default)]
+    format: Option<String>,
+}
+
+impl SqlHttp {
+    pub fn new(service: Arc<QueryService>, config: QueryConfig) -> Self {
+        Self {
+            state: Arc::new(HttpState {
+                service,
+                config,
+                openapi: None,
+            }),
+        }
+    }
+
+    /// Also serves the HTTP API's OpenAPI document at `GET /openapi.json`.
+    pub fn with_openapi(mut self, document: &'static str) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.openapi = Some(document);
+        }
+        self
+    }
+
+    pub fn router(&self) -> Router {
+        let openapi = self.state.openapi;
+        let mut router = Router::new()
+            .route("/v1/sql", post(sql))
+            .route("/healthz", get(|| async { "ok" }));
+        if let Some(doc) = openapi {
+            router = router.route(
+                "/openapi.json",
+                get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc) }),
+            );
+        }
+        router.with_state(self.state.clone())
+    }
+
+    /// Serves on `listen` until the process ends.
+    pub async fn serve(self, listen: &str) -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        tracing::info!(addr = %listen, "sql over http listening");
+        axum::serve(listener, self.router()).await
+    }
+}
+
+/// The principal the request's credentials name.
+fn authenticate(config: &QueryConfig, headers: &HeaderMap) -> Option<Principal> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    match scheme.to_ascii_lowercase().as_str() {
+        "bearer" => config.authenticate_token(credentials.trim()),
+        "basic" => {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(credentials.trim())
+                .ok()?;
+            let decoded = String::from_utf8(decoded).ok()?;
+            let (user, password) = decoded.split_once(':')?;
+            config.authenticate(user, password)
+        }
+        _ => None,
+    }
+}
+
+fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
+    let mut body = json!({ "error": message.into() });
+    if let Some(f) = field {
+        body["field"] = json!(f);
+    }
+    let mut resp = (status, axum::Json(body)).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer, Basic realm=\"tributary\""),
+        );
+    }
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    resp
+}
+
+/// The status a query error answers with.
+pub fn status_of(e: &QueryError) -> StatusCode {
+    match e {
+        QueryError::NotAllowed(_) => StatusCode::FORBIDDEN,
+        QueryError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+        QueryError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        QueryError::TooManyRows(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        QueryError::MemoryLimit(_) => StatusCode::INSUFFICIENT_STORAGE,
+        e if e.is_users_fault() => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn query_error(e: QueryError, principal: &Principal) -> Response {
+    let e = e.classify();
+    let status = status_of(&e);
+    tracing::info!(user = %principal.user, status = status.as_u16(), error = %e, "sql refused");
+    error(status, e.to_string(), None)
+}
+
+async fn sql(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(principal) = authenticate(&state.config, &headers) else {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong credentials: `Authorization: Bearer <token>` or Basic user:password",
+            None,
+        );
+    };
+    let request: SqlRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let field = if e.to_string().contains("sql") {
+                Some("sql")
+            } else {
+                None
+            };
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "body must be {{\"sql\": \"…\", \"format\": \"json|csv|arrow|parquet\"}}: {e}"
+                ),
+                field,
+            );
+        }
+    };
+    let format = match &request.format {
+        Some(name) => match WireFormat::from_name(name) {
+            Some(f) => f,
+            None => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown format `{name}`: json, csv, arrow or parquet"),
+                    Some("format"),
+                );
+            }
+        },
+        None => headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(WireFormat::from_accept)
+            .unwrap_or(WireFormat::Json),
+    };
+    let started = Instant::now();
+    let stream = match state.service.execute(&principal, &request.sql).await {
+        Ok(s) => s,
+        Err(e) => return query_error(e, &principal),
+    };
+    match respond(stream, format, &principal, started).await {
+        Ok(r) => r,
+        Err(e) => query_error(e, &principal),
+    }
+}
+
+/// Encodes up to [`PREBUFFER_BYTES`] before answering, then streams the rest.
+async fn respond(
+    mut stream: QueryStream,
+    format: WireFormat,
+    principal: &Principal,
+    started: Instant,
+) -> Result<Response, QueryError> {
+    let mut encoder = StreamEncoder::new(format, stream.schema())?;
+    let mut head: Vec<Bytes> = Vec::new();
+    let mut buffered = 0;
+    let mut rows = 0;
+    while buffered < PREBUFFER_BYTES {
+        match stream.next().await {
+            Some(batch) => {
+                let batch = batch?;
+                rows += batch.num_rows();
+                let bytes = encoder.encode(&batch)?;
+                buffered += bytes.len();
+                head.push(bytes);
+            }
+            None => {
+                head.push(encoder.finish()?);
+                tracing::info!(user = %principal.user, rows, elapsed_ms = started.elapsed().as_millis() as u64, "sql answered");
+                return Ok(ok(format, Body::from(head.concat())));
+            }
+        }
+    }
+    let user = principal.user.clone();
+    let rest = futures::stream::unfold(
+        (stream, Some(encoder), rows),
+        move |(mut stream, encoder, mut rows)| {
+            let user = user.clone();
+            async move {
+                let mut encoder = encoder?;
+                let chunk = match stream.next().await {
+                    Some(Ok(batch)) => {
+                        rows += batch.num_rows();
+                        encoder.encode(&batch)
+                    }
+                    Some(Err(e)) => Err(e.classify()),
+                    None => {
+                        tracing::info!(user = %user, rows, elapsed_ms = started.elapsed().as_millis() as u64, "sql answered (streamed)");
+                        return Some((
+                            encoder.finish().map_err(std::io::Error::other),
+                            (stream, None, rows),
+                        ));
+                    }
+                };
+                match chunk {
+                    Ok(bytes) => Some((Ok(bytes), (stream, Some(encoder), rows))),
+                    Err(e) => {
+                        tracing::warn!(user = %user, rows, error = %e, "sql result cut short");
+                        Some((
+                            Err(std::io::Error::other(e.to_string())),
+                            (stream, None, rows),
+                        ))
+                    }
+                }
+            }
+        },
+    );
+    let body = futures::stream::iter(head.into_iter().map(Ok::<_, std::io::Error>)).chain(rest);
+    Ok(ok(format, Body::from_stream(body)))
+}
+
+fn ok(format: WireFormat, body: Body) -> Response {
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    resp
+}
