@@ -74,6 +74,9 @@ impl QueryService {
         }
         let mut out = Vec::with_capacity(tables.len());
         for (name, table) in tables.iter_mut() {
+            if table.version().is_none() && !self.may_exist(name) {
+                continue;
+            }
             if let Err(e) = table.update_incremental(None).await {
                 if table.version().is_none() {
                     continue; // not created yet
@@ -85,6 +88,18 @@ impl QueryService {
             }
         }
         Ok(out)
+    }
+
+    /// Whether table `name` may exist: on a local lake, only when its `_delta_log` does (reading a
+    /// missing table's log is an error the Delta kernel logs loudly).
+    fn may_exist(&self, name: &str) -> bool {
+        if !self.lake.is_local() {
+            return true;
+        }
+        match self.lake.table_url(name).map(|u| u.to_file_path()) {
+            Ok(Ok(dir)) => dir.join("_delta_log").is_dir(),
+            _ => true,
+        }
     }
 
     /// A fresh session for one query of `principal`: their view of every table, the memory limit.
@@ -181,7 +196,13 @@ impl QueryService {
             };
             // Ends when the stream does, on its first error, or when the reader went away
             // (dropping the DataFusion stream cancels the query's work).
-            while let Some(batch) = stream.next().await {
+            loop {
+                let batch = tokio::select! {
+                    batch = stream.next() => batch,
+                    // The reader gave up (timeout, client gone) while no batch was ready.
+                    () = batches_tx.closed() => return,
+                };
+                let Some(batch) = batch else { return };
                 let failed = batch.is_err();
                 if batches_tx
                     .send(batch.map_err(QueryError::from))
