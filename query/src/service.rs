@@ -39,12 +39,19 @@ pub const TENANT_COLUMN: &str = "tenant";
 /// `table_at('telemetry', '2026-11-28T10:00:00Z')` (the version current at that time).
 pub const TIME_TRAVEL_FUNCTION: &str = "table_at";
 
+/// A table kept at its latest version, with the provider of that version (built once per version:
+/// it holds the snapshot's file list).
+struct LiveTable {
+    table: DeltaTable,
+    provider: Option<(deltalake::kernel::Version, Arc<dyn TableProvider>)>,
+}
+
 /// Runs users' queries over the lake.
 pub struct QueryService {
     lake: LakeConfig,
     limits: QueryLimits,
     /// Every table seen so far, kept current by incremental log reads before each query.
-    tables: Mutex<BTreeMap<String, DeltaTable>>,
+    tables: Mutex<BTreeMap<String, LiveTable>>,
     slots: Arc<Semaphore>,
 }
 
@@ -62,30 +69,44 @@ impl QueryService {
         &self.limits
     }
 
-    /// Every lake table at its latest version.
-    async fn latest_tables(&self) -> Result<Vec<(String, DeltaTable)>, QueryError> {
+    /// Every lake table at its latest version, with its provider.
+    async fn latest_tables(
+        &self,
+    ) -> Result<Vec<(String, DeltaTable, Arc<dyn TableProvider>)>, QueryError> {
         let names = lake_table_names(&self.lake)?;
         let mut tables = self.tables.lock().await;
         for name in names {
             if let std::collections::btree_map::Entry::Vacant(slot) = tables.entry(name) {
                 let table = open_table(&self.lake, slot.key()).await?;
-                slot.insert(table);
+                slot.insert(LiveTable {
+                    table,
+                    provider: None,
+                });
             }
         }
         let mut out = Vec::with_capacity(tables.len());
-        for (name, table) in tables.iter_mut() {
-            if table.version().is_none() && !self.may_exist(name) {
+        for (name, live) in tables.iter_mut() {
+            if live.table.version().is_none() && !self.may_exist(name) {
                 continue;
             }
-            if let Err(e) = table.update_incremental(None).await {
-                if table.version().is_none() {
+            if let Err(e) = live.table.update_incremental(None).await {
+                if live.table.version().is_none() {
                     continue; // not created yet
                 }
                 return Err(e.into());
             }
-            if table.version().is_some() {
-                out.push((name.clone(), table.clone()));
-            }
+            let Some(version) = live.table.version() else {
+                continue;
+            };
+            let provider = match &live.provider {
+                Some((v, provider)) if *v == version => provider.clone(),
+                _ => {
+                    let provider = live.table.table_provider().await?;
+                    live.provider = Some((version, provider.clone()));
+                    provider
+                }
+            };
+            out.push((name.clone(), live.table.clone(), provider));
         }
         Ok(out)
     }
@@ -111,12 +132,11 @@ impl QueryService {
         let ctx = SessionContext::new_with_config_rt(config, runtime);
         let tables = self.latest_tables().await?;
         let mut names = Vec::with_capacity(tables.len());
-        for (name, table) in &tables {
+        for (name, table, provider) in tables {
             table.update_datafusion_session(&ctx.state())?;
-            let provider = table.table_provider().await?;
-            if let Some(provider) = scoped(name, provider, principal.tenant_scope())? {
+            if let Some(provider) = scoped(&name, provider, principal.tenant_scope())? {
                 ctx.register_table(name.as_str(), provider)?;
-                names.push(name.clone());
+                names.push(name);
             }
         }
         ctx.register_udtf(

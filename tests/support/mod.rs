@@ -17,7 +17,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
 /// The admin API token of every test stack.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
