@@ -128,22 +128,8 @@ fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) ->
     resp
 }
 
-/// The status a query error answers with.
-pub fn status_of(e: &QueryError) -> StatusCode {
-    match e {
-        QueryError::NotAllowed(_) => StatusCode::FORBIDDEN,
-        QueryError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-        QueryError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        QueryError::TooManyRows(_) => StatusCode::PAYLOAD_TOO_LARGE,
-        QueryError::MemoryLimit(_) => StatusCode::INSUFFICIENT_STORAGE,
-        e if e.is_users_fault() => StatusCode::BAD_REQUEST,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
-    }
-}
-
 fn query_error(e: QueryError, principal: &Principal) -> Response {
-    let e = e.classify();
-    let status = status_of(&e);
+    let status = StatusCode::from_u16(e.codes().http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     tracing::info!(user = %principal.user, status = status.as_u16(), error = %e, "sql refused");
     error(status, e.to_string(), None)
 }
@@ -240,7 +226,7 @@ async fn respond(
                         rows += batch.num_rows();
                         encoder.encode(&batch)
                     }
-                    Some(Err(e)) => Err(e.classify()),
+                    Some(Err(e)) => Err(e),
                     None => {
                         tracing::info!(user = %user, rows, elapsed_ms = started.elapsed().as_millis() as u64, "sql answered (streamed)");
                         return Some((

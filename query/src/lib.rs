@@ -30,7 +30,7 @@ pub use service::{QueryService, QueryStream};
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error("{}", .0.strip_backtrace())]
-    DataFusion(#[from] DataFusionError),
+    DataFusion(DataFusionError),
     #[error("{0}")]
     Arrow(#[from] arrow::error::ArrowError),
     #[error("{0}")]
@@ -51,16 +51,36 @@ pub enum QueryError {
     MemoryLimit(String),
 }
 
-impl QueryError {
-    /// Normalises DataFusion's errors: memory-pool exhaustion becomes [`QueryError::MemoryLimit`].
-    pub fn classify(self) -> Self {
-        match self {
-            QueryError::DataFusion(e) => match e.find_root() {
-                DataFusionError::ResourcesExhausted(msg) => QueryError::MemoryLimit(msg.clone()),
-                _ => QueryError::DataFusion(e),
-            },
-            other => other,
+/// DataFusion's errors, with memory-pool exhaustion told apart as [`QueryError::MemoryLimit`].
+impl From<DataFusionError> for QueryError {
+    fn from(e: DataFusionError) -> Self {
+        match e.find_root() {
+            DataFusionError::ResourcesExhausted(msg) => QueryError::MemoryLimit(msg.clone()),
+            _ => QueryError::DataFusion(e),
         }
+    }
+}
+
+/// How an endpoint reports a [`QueryError`]: an HTTP status and a Postgres SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorCodes {
+    pub http: u16,
+    pub sqlstate: &'static str,
+}
+
+impl QueryError {
+    /// The codes both endpoints answer this error with.
+    pub fn codes(&self) -> ErrorCodes {
+        let (http, sqlstate) = match self {
+            QueryError::NotAllowed(_) => (403, "42501"),
+            QueryError::Busy(_) => (429, "53300"),
+            QueryError::Timeout(_) => (504, "57014"),
+            QueryError::TooManyRows(_) => (413, "54000"),
+            QueryError::MemoryLimit(_) => (507, "53200"),
+            e if e.is_users_fault() => (400, "42000"),
+            _ => (500, "XX000"),
+        };
+        ErrorCodes { http, sqlstate }
     }
 
     /// A query the user should change (syntax, unknown table or column, types), not a failure.

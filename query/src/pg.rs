@@ -154,19 +154,9 @@ fn principal<C: ClientInfo>(client: &C) -> PgWireResult<Arc<Principal>> {
 
 /// A query error as Postgres reports it (with the SQLSTATE clients act on).
 fn pg_error(e: QueryError) -> PgWireError {
-    let e = e.classify();
-    let code = match &e {
-        QueryError::NotAllowed(_) => "42501",
-        QueryError::Busy(_) => "53300",
-        QueryError::Timeout(_) => "57014",
-        QueryError::TooManyRows(_) => "54000",
-        QueryError::MemoryLimit(_) => "53200",
-        e if e.is_users_fault() => "42000",
-        _ => "XX000",
-    };
     PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".into(),
-        code.into(),
+        e.codes().sqlstate.into(),
         e.to_string(),
     )))
 }
@@ -261,7 +251,7 @@ impl SimpleQueryHandler for PgBackend {
     {
         let principal = principal(client)?;
         let statements = DFParser::parse_sql_with_dialect(query, &PostgreSqlDialect {})
-            .map_err(|e| pg_error(QueryError::DataFusion(e)))?;
+            .map_err(|e| pg_error(e.into()))?;
         let mut responses = Vec::with_capacity(statements.len());
         for statement in statements {
             let sql = statement.to_string();

@@ -65,10 +65,6 @@ impl QueryService {
         }
     }
 
-    pub fn limits(&self) -> &QueryLimits {
-        &self.limits
-    }
-
     /// Every lake table at its latest version, with its provider.
     async fn latest_tables(
         &self,
@@ -452,7 +448,7 @@ impl Stream for QueryStream {
             }
             Poll::Ready(Some(Err(e))) => {
                 self.done = true;
-                Poll::Ready(Some(Err(e.classify())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 self.done = true;
