@@ -81,9 +81,12 @@ echo "Usage metered from the raw log, and the device registry as a table:"
 "$bin" sql "SELECT tenant, model, count(*) AS devices FROM devices GROUP BY tenant, model ORDER BY tenant"
 echo "The same readings in the time-series store (VictoriaMetrics on 127.0.0.1:8428; series per metric, readings):"
 vm=http://127.0.0.1:${VM_PORT:-8428}
+# latency_offset=0s: VictoriaMetrics hides the last 30 s by default, and the demo just wrote them.
 curl -s "$vm/internal/force_flush" >/dev/null || true
-curl -s "$vm/api/v1/query" --data-urlencode 'query=count by (__name__) (count_over_time({__name__=~"telemetry_.*"}[30d]))' >"$STACK_DIR/vm-series.json" || true
-curl -s "$vm/api/v1/query" --data-urlencode 'query=sum by (__name__) (count_over_time({__name__=~"telemetry_.*"}[30d]))' >"$STACK_DIR/vm-points.json" || true
+curl -s "$vm/api/v1/query" --data-urlencode 'query=count by (__name__) (count_over_time({__name__=~"telemetry_.*"}[30d]) keep_metric_names)' \
+  --data-urlencode 'latency_offset=0s' --data-urlencode 'nocache=1' >"$STACK_DIR/vm-series.json" || true
+curl -s "$vm/api/v1/query" --data-urlencode 'query=sum by (__name__) (count_over_time({__name__=~"telemetry_.*"}[30d]) keep_metric_names)' \
+  --data-urlencode 'latency_offset=0s' --data-urlencode 'nocache=1' >"$STACK_DIR/vm-points.json" || true
 python3 - "$STACK_DIR/vm-series.json" "$STACK_DIR/vm-points.json" <<'PY' || true
 import json, sys
 series, points = ({r["metric"]["__name__"]: r["value"][1] for r in json.load(open(p))["data"]["result"]} for p in sys.argv[1:])
