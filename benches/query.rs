@@ -6,6 +6,7 @@
 //! cargo bench --bench query                               # 10 000 000 readings, 10 000 devices
 //! cargo bench --bench query -- --rows 1000000 --runs 3
 //! cargo bench --bench query -- --dir /tmp/qlake           # keep (and reuse) the generated lake
+//! cargo bench --bench query -- --dir /tmp/qlake --only count-per-day --explain   # one plan, timed
 //! ```
 
 use std::collections::BTreeMap;
@@ -31,6 +32,10 @@ struct Options {
     devices: u64,
     runs: usize,
     dir: Option<PathBuf>,
+    /// Only the queries whose name contains this.
+    only: Option<String>,
+    /// Print each query's `EXPLAIN ANALYZE` (and skip DuckDB).
+    explain: bool,
 }
 
 fn options() -> Options {
@@ -39,6 +44,8 @@ fn options() -> Options {
         devices: 10_000,
         runs: 5,
         dir: None,
+        only: None,
+        explain: false,
     };
     let args: Vec<String> = std::env::args().collect();
     for (i, a) in args.iter().enumerate() {
@@ -48,6 +55,8 @@ fn options() -> Options {
             "--devices" => o.devices = value().parse().unwrap_or(o.devices).max(1),
             "--runs" => o.runs = value().parse().unwrap_or(o.runs).max(1),
             "--dir" => o.dir = Some(PathBuf::from(value())),
+            "--only" => o.only = Some(value()),
+            "--explain" => o.explain = true,
             _ => {}
         }
     }
@@ -223,7 +232,14 @@ fn main() {
         );
     }
 
-    let queries = queries();
+    let queries: Vec<_> = queries()
+        .into_iter()
+        .filter(|(name, _, _)| {
+            o.only
+                .as_ref()
+                .is_none_or(|only| name.contains(only.as_str()))
+        })
+        .collect();
     // DataFusion, as the query server runs a query.
     let limits = QueryLimits {
         max_memory_bytes: 8 << 30,
@@ -233,6 +249,26 @@ fn main() {
     };
     let service = Arc::new(QueryService::new(lake.clone(), limits));
     let admin = Principal::local_admin();
+    if o.explain {
+        runtime.block_on(async {
+            for (name, sql, _) in &queries {
+                let started = Instant::now();
+                let batches: Vec<_> = service
+                    .execute(&admin, &format!("EXPLAIN ANALYZE {sql}"))
+                    .await
+                    .expect(name)
+                    .map(|b| b.expect(name))
+                    .collect()
+                    .await;
+                println!(
+                    "== {name} ({:.1} ms)\n{}",
+                    started.elapsed().as_secs_f64() * 1000.0,
+                    arrow::util::pretty::pretty_format_batches(&batches).expect("plan")
+                );
+            }
+        });
+        return;
+    }
     let mut datafusion: Vec<(f64, usize)> = Vec::new();
     runtime.block_on(async {
         for (name, sql, _) in &queries {

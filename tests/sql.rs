@@ -506,6 +506,69 @@ fn sql_over_pg_wire_and_http_with_tenant_isolation_and_limits() {
     );
     assert_eq!(psql("SELECT count(*) FROM devices"), ["4"]);
 
+    // --- What clients ask of pg_catalog: psql's \dt and \d, DBeaver's and Grafana's schema
+    // browsers. A tenant sees its tables as tables, with their columns, and nothing else.
+    let listed: Vec<String> = psql("\\dt")
+        .iter()
+        .map(|l| l.split('|').take(3).collect::<Vec<_>>().join("|"))
+        .collect();
+    assert_eq!(listed, ["public|devices|table", "public|telemetry|table"]);
+    let described = psql("\\d telemetry");
+    assert!(
+        described
+            .iter()
+            .any(|l| l.starts_with("event_time|timestamp")),
+        "{described:?}"
+    );
+    assert!(
+        described
+            .iter()
+            .any(|l| l.starts_with("value|double precision")),
+        "{described:?}"
+    );
+    // Grafana's table and column pickers (information_schema, quote_ident).
+    assert_eq!(
+        psql(
+            "SELECT quote_ident(table_name) AS \"table\" FROM information_schema.tables \
+             WHERE quote_ident(table_schema) NOT IN ('information_schema', 'pg_catalog') \
+             AND table_type = 'BASE TABLE' ORDER BY 1"
+        ),
+        ["devices", "telemetry"]
+    );
+    assert!(
+        psql(
+            "SELECT quote_ident(column_name) AS \"column\", data_type AS \"type\" \
+             FROM information_schema.columns WHERE quote_ident(table_name) = 'telemetry'"
+        )
+        .iter()
+        .any(|l| l == "value|Float64")
+    );
+    // DBeaver's first questions after connecting.
+    assert!(
+        psql("SELECT current_schema(), session_user")[0].starts_with("public|"),
+        "DBeaver asks for the schema and user"
+    );
+    assert!(
+        psql(
+            "SELECT n.oid, n.nspname, d.description FROM pg_catalog.pg_namespace n \
+             LEFT OUTER JOIN pg_catalog.pg_description d ON d.objoid = n.oid AND d.objsubid = 0 \
+             AND d.classoid = 'pg_namespace'::regclass ORDER BY nspname"
+        )
+        .iter()
+        .any(|l| l.contains("|public|"))
+    );
+    let relations = psql(
+        "SELECT c.relname, c.relkind FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' ORDER BY 1",
+    );
+    assert_eq!(relations, ["devices|r", "telemetry|r"]);
+    // Catalogs hold names only: another tenant's rows never come through them.
+    assert_eq!(
+        psql("SELECT count(*) FROM pg_catalog.pg_class WHERE relname LIKE 'g-%'"),
+        ["0"]
+    );
+
     // --- Every HTTP format round-trips the same rows.
     let sql = "SELECT device, count(*) AS n, max(event_time) AS last FROM telemetry GROUP BY device ORDER BY device";
     let json = server.rows(ALICE, sql);

@@ -2,17 +2,23 @@
 //!
 //! This crate owns the query engine: [`QueryService`] (a session per query over the latest version
 //! of every Delta table, tenant isolation below SQL, role checks, the limits of one query), its
-//! endpoints ([`http`]: `POST /v1/sql`; [`pg`]: the Postgres wire protocol), their configuration
-//! ([`config`]), result formats ([`format`]), and [`SqlEngine`], the local operator's engine behind
-//! `tributary sql`, dead-letter tools and rebuild checks.
+//! endpoints ([`http`]: `POST /v1/sql`; [`pg`]: the Postgres wire protocol with an emulated
+//! `pg_catalog`), their configuration ([`config`]), result formats ([`format`]), how a Delta
+//! version is read ([`snapshot_table`]: the log's files through DataFusion's Parquet scan), what
+//! the sessions add to DataFusion ([`functions`]: UTC `date_trunc`; [`count_from_statistics`]:
+//! counts per partition from the log's row counts), and [`SqlEngine`], the local operator's engine
+//! behind `tributary sql`, dead-letter tools and rebuild checks.
 //!
 //! It must not touch: Kafka, or any table's data (it only reads).
 
 pub mod config;
+pub mod count_from_statistics;
 pub mod format;
+pub mod functions;
 pub mod http;
 pub mod pg;
 pub mod service;
+pub mod snapshot_table;
 
 use std::sync::Arc;
 
@@ -134,6 +140,7 @@ impl SqlEngine {
     /// Registers every Delta table under the lake root.
     pub async fn over_lake(lake: &LakeConfig) -> Result<Self, QueryError> {
         let ctx = SessionContext::new();
+        ctx.register_udf(functions::UtcDateTrunc::udf());
         let names = lake_table_names(lake)?;
         let mut engine = Self {
             ctx,
@@ -152,7 +159,7 @@ impl SqlEngine {
             return Ok(false);
         }
         table.update_datafusion_session(&self.ctx.state())?;
-        let provider = table.table_provider().await?;
+        let provider = snapshot_table::lake_provider(&table).await?;
         self.ctx.deregister_table(name)?;
         self.ctx.register_table(name, Arc::clone(&provider))?;
         if !self.tables.iter().any(|t| t == name) {

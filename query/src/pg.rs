@@ -6,6 +6,10 @@
 //! a fresh DataFusion session, so the tables are always at their latest version; `SET`, `BEGIN`,
 //! `COMMIT`, … are acknowledged and ignored (every query reads a consistent snapshot of each table,
 //! and there is nothing to write).
+//!
+//! Clients' metadata queries (psql's `\d`, DBeaver's and Grafana's schema browsers) read
+//! `pg_catalog`, which every session emulates over its own tables (`datafusion-pg-catalog`), after
+//! [`pg_statements`] rewrote the Postgres-only syntax they use (`::regclass`, `OPERATOR(…)`, …).
 
 use std::fmt::Debug;
 use std::sync::Arc;
@@ -19,6 +23,7 @@ use async_trait::async_trait;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::sql::parser::DFParser;
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion_pg_catalog::sql::PostgresCompatibilityParser;
 use futures::{Sink, SinkExt, StreamExt, stream};
 use pgwire::api::auth::{
     DefaultServerParameterProvider, StartupHandler, finish_authentication, protocol_negotiation,
@@ -238,6 +243,22 @@ fn respond(stream: QueryStream, format: &Format) -> PgWireResult<Response> {
     Ok(Response::Query(QueryResponse::new(fields, rows)))
 }
 
+/// The statements of `sql` as SQL DataFusion plans: Postgres clients' catalog queries rewritten
+/// for the emulated `pg_catalog`; what the rewriter cannot parse (DataFusion's own statements,
+/// `CREATE EXTERNAL TABLE`, `COPY`, …) parsed as DataFusion SQL.
+pub fn pg_statements(sql: &str) -> Result<Vec<String>, QueryError> {
+    static PARSER: std::sync::OnceLock<PostgresCompatibilityParser> = std::sync::OnceLock::new();
+    let parser = PARSER.get_or_init(PostgresCompatibilityParser::new);
+    match parser.parse(sql) {
+        Ok(statements) => Ok(statements.iter().map(ToString::to_string).collect()),
+        Err(_) => Ok(DFParser::parse_sql_with_dialect(sql, &PostgreSqlDialect {})
+            .map_err(QueryError::from)?
+            .iter()
+            .map(ToString::to_string)
+            .collect()),
+    }
+}
+
 struct PgBackend {
     service: Arc<QueryService>,
     parser: Arc<PgParser>,
@@ -250,11 +271,9 @@ impl SimpleQueryHandler for PgBackend {
         C: ClientInfo + Unpin + Send + Sync,
     {
         let principal = principal(client)?;
-        let statements = DFParser::parse_sql_with_dialect(query, &PostgreSqlDialect {})
-            .map_err(|e| pg_error(e.into()))?;
+        let statements = pg_statements(query).map_err(pg_error)?;
         let mut responses = Vec::with_capacity(statements.len());
-        for statement in statements {
-            let sql = statement.to_string();
+        for sql in statements {
             if let Some(tag) = acknowledged(&sql) {
                 responses.push(Response::Execution(Tag::new(tag)));
                 continue;
@@ -318,14 +337,21 @@ impl QueryParser for PgParser {
             }));
         }
         let principal = principal(client)?;
+        let sql = match pg_statements(sql).map_err(pg_error)?.as_slice() {
+            [one] => one.clone(),
+            _ => sql.to_owned(), // planning names the problem
+        };
+        if acknowledged(&sql).is_some() {
+            return Ok(Some(PgStatement { sql, plan: None }));
+        }
         let ctx = self.service.session(&principal).await.map_err(pg_error)?;
         let plan = self
             .service
-            .plan(&ctx, &principal, sql)
+            .plan(&ctx, &principal, &sql)
             .await
             .map_err(pg_error)?;
         Ok(Some(PgStatement {
-            sql: sql.to_owned(),
+            sql,
             plan: Some(plan),
         }))
     }

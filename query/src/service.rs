@@ -1,35 +1,57 @@
 //! [`QueryService`]: SQL for many users at once, each query in its own DataFusion session over the
 //! latest version of every lake table, seen through the user's tenant, within the query limits.
 //!
+//! A query's session is cheap: the tables' providers are built once per Delta version, and each
+//! tenant's session template (functions, `pg_catalog`, `table_at`) once per set of versions; a
+//! query clones the template with a catalog and a memory pool of its own. Every query shares the
+//! Parquet metadata cache (footers and page indexes of immutable data files) and object stores.
+//!
 //! Tenant isolation is enforced below SQL: a tenant's session has no catalog entry for the real
 //! tables, only views that scan them with `tenant = '<tenant>'` ([`scoped`]). Whatever the SQL
 //! (joins, subqueries, CTEs, UNION, `information_schema`, time travel), every scan it can reach
 //! carries the predicate; tables without a `tenant` column are not registered for tenants at all.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use datafusion::catalog::TableFunctionImpl;
+use datafusion::catalog::Session;
 use datafusion::catalog::view::ViewTable;
+use datafusion::catalog::{
+    CatalogProvider, CatalogProviderList, MemoryCatalogProvider, MemoryCatalogProviderList,
+    MemorySchemaProvider, SchemaProvider, TableFunctionImpl,
+};
 use datafusion::common::ParamValues;
 use datafusion::datasource::{TableProvider, provider_as_source};
 use datafusion::error::DataFusionError;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::execution::runtime_env::RuntimeEnvBuilder;
-use datafusion::logical_expr::{LogicalPlan, LogicalPlanBuilder};
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
+use datafusion::execution::runtime_env::{RuntimeEnv, RuntimeEnvBuilder};
+use datafusion::execution::session_state::{SessionState, SessionStateBuilder};
+use datafusion::logical_expr::{
+    LogicalPlan, LogicalPlanBuilder, TableProviderFilterPushDown, TableType,
+};
+use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{Expr, SQLOptions, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
+use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
+use datafusion_pg_catalog::pg_catalog::{
+    PgCatalogSchemaProvider, PgCatalogStaticTables, setup_pg_catalog,
+};
 use deltalake::DeltaTable;
+use deltalake::kernel::Version;
 use futures::{Stream, StreamExt};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tributary_lake::LakeConfig;
 use tributary_lake::delta_sink::open_table;
 
 use crate::config::{Principal, QueryLimits};
+use crate::count_from_statistics::CountFromStatistics;
+use crate::functions::UtcDateTrunc;
+use crate::snapshot_table::lake_provider;
 use crate::{QueryError, lake_table_names};
 
 /// The column every tenant-scoped table is filtered on.
@@ -43,8 +65,43 @@ pub const TIME_TRAVEL_FUNCTION: &str = "table_at";
 /// it holds the snapshot's file list).
 struct LiveTable {
     table: DeltaTable,
-    provider: Option<(deltalake::kernel::Version, Arc<dyn TableProvider>)>,
+    provider: Option<(Version, Arc<dyn TableProvider>)>,
+    /// When a table that does not exist yet was last looked for on an object store.
+    probed: Option<std::time::Instant>,
 }
+
+/// How often a table missing from an object store is looked for again (each look is a request
+/// the Delta kernel logs as an error when the log is not there).
+const MISSING_TABLE_PROBE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One table as a query sees it: its name, version and provider.
+struct TableAt {
+    name: String,
+    version: Version,
+    table: DeltaTable,
+    provider: Arc<dyn TableProvider>,
+}
+
+/// What every session of one tenant scope holds at some table versions, cloned for each query.
+struct SessionTemplate {
+    versions: Vec<(String, Version)>,
+    /// The session state (functions, `table_at`, `pg_catalog` functions, settings).
+    state: SessionState,
+    /// The tables this scope sees, each as the scope sees it.
+    tables: Vec<(String, Arc<dyn TableProvider>)>,
+    /// `pg_catalog` over these tables, shared by the template's queries: a client's catalog
+    /// queries meet the same object ids from one query to the next (psql's `\d` looks a table up
+    /// by name, then its columns by the id it got).
+    pg_catalog: Arc<dyn SchemaProvider>,
+}
+
+/// The catalog and schema every table is registered in (DataFusion's defaults).
+const CATALOG: &str = "datafusion";
+const SCHEMA: &str = "public";
+
+/// The Parquet metadata kept across queries (footers and page indexes of data files, which are
+/// immutable in a Delta table).
+const METADATA_CACHE_BYTES: usize = 256 << 20;
 
 /// Runs users' queries over the lake.
 pub struct QueryService {
@@ -52,23 +109,36 @@ pub struct QueryService {
     limits: QueryLimits,
     /// Every table seen so far, kept current by incremental log reads before each query.
     tables: Mutex<BTreeMap<String, LiveTable>>,
+    /// Session templates by tenant scope (`None`: admins).
+    templates: std::sync::Mutex<HashMap<Option<String>, Arc<SessionTemplate>>>,
+    /// What queries share: object stores, the Parquet metadata cache, the spill directory.
+    runtime: Arc<RuntimeEnv>,
+    /// `pg_catalog`'s fixed tables (types, functions, …), decoded once.
+    pg_static: std::sync::OnceLock<Arc<PgCatalogStaticTables>>,
     slots: Arc<Semaphore>,
 }
 
 impl QueryService {
     pub fn new(lake: LakeConfig, limits: QueryLimits) -> Self {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_cache_manager(
+                CacheManagerConfig::default().with_metadata_cache_limit(METADATA_CACHE_BYTES),
+            )
+            .build_arc()
+            .unwrap_or_else(|_| Arc::new(RuntimeEnv::default()));
         Self {
             lake,
             slots: Arc::new(Semaphore::new(limits.max_concurrent)),
             limits,
             tables: Mutex::new(BTreeMap::new()),
+            templates: std::sync::Mutex::new(HashMap::new()),
+            runtime,
+            pg_static: std::sync::OnceLock::new(),
         }
     }
 
     /// Every lake table at its latest version, with its provider.
-    async fn latest_tables(
-        &self,
-    ) -> Result<Vec<(String, DeltaTable, Arc<dyn TableProvider>)>, QueryError> {
+    async fn latest_tables(&self) -> Result<Vec<TableAt>, QueryError> {
         let names = lake_table_names(&self.lake)?;
         let mut tables = self.tables.lock().await;
         for name in names {
@@ -77,16 +147,18 @@ impl QueryService {
                 slot.insert(LiveTable {
                     table,
                     provider: None,
+                    probed: None,
                 });
             }
         }
         let mut out = Vec::with_capacity(tables.len());
         for (name, live) in tables.iter_mut() {
-            if live.table.version().is_none() && !self.may_exist(name) {
+            if live.table.version().is_none() && !self.may_exist(name, live) {
                 continue;
             }
             if let Err(e) = live.table.update_incremental(None).await {
                 if live.table.version().is_none() {
+                    live.probed = Some(std::time::Instant::now());
                     continue; // not created yet
                 }
                 return Err(e.into());
@@ -97,21 +169,30 @@ impl QueryService {
             let provider = match &live.provider {
                 Some((v, provider)) if *v == version => provider.clone(),
                 _ => {
-                    let provider = live.table.table_provider().await?;
+                    let provider = lake_provider(&live.table).await?;
                     live.provider = Some((version, provider.clone()));
                     provider
                 }
             };
-            out.push((name.clone(), live.table.clone(), provider));
+            out.push(TableAt {
+                name: name.clone(),
+                version,
+                table: live.table.clone(),
+                provider,
+            });
         }
         Ok(out)
     }
 
-    /// Whether table `name` may exist: on a local lake, only when its `_delta_log` does (reading a
-    /// missing table's log is an error the Delta kernel logs loudly).
-    fn may_exist(&self, name: &str) -> bool {
+    /// Whether table `name`, not seen yet, may exist now: on a local lake, only when its
+    /// `_delta_log` does; on an object store, when it was last looked for over
+    /// [`MISSING_TABLE_PROBE`] ago (reading a missing table's log is an error the Delta kernel
+    /// logs loudly).
+    fn may_exist(&self, name: &str, live: &LiveTable) -> bool {
         if !self.lake.is_local() {
-            return true;
+            return live
+                .probed
+                .is_none_or(|at| at.elapsed() >= MISSING_TABLE_PROBE);
         }
         match self.lake.table_url(name).map(|u| u.to_file_path()) {
             Ok(Ok(dir)) => dir.join("_delta_log").is_dir(),
@@ -119,31 +200,98 @@ impl QueryService {
         }
     }
 
-    /// A fresh session for one query of `principal`: their view of every table, the memory limit.
+    /// A fresh session for one query of `principal`: their view of every table at its latest
+    /// version, a catalog of its own (DDL of one admin query never reaches another) and the
+    /// query's own memory pool.
     pub async fn session(&self, principal: &Principal) -> Result<SessionContext, QueryError> {
-        let runtime = RuntimeEnvBuilder::new()
+        let tables = self.latest_tables().await?;
+        let template = self.template(principal.tenant_scope(), tables)?;
+        let runtime = RuntimeEnvBuilder::from_runtime_env(&self.runtime)
             .with_memory_limit(self.limits.max_memory_bytes, 1.0)
             .build_arc()?;
-        let config = SessionConfig::new().with_information_schema(true);
-        let ctx = SessionContext::new_with_config_rt(config, runtime);
-        let tables = self.latest_tables().await?;
-        let mut names = Vec::with_capacity(tables.len());
-        for (name, table, provider) in tables {
-            table.update_datafusion_session(&ctx.state())?;
-            if let Some(provider) = scoped(&name, provider, principal.tenant_scope())? {
-                ctx.register_table(name.as_str(), provider)?;
-                names.push(name);
+        let catalogs = catalog_of(&template.tables)?;
+        if let Some(catalog) = catalogs.catalog(CATALOG) {
+            catalog.register_schema("pg_catalog", template.pg_catalog.clone())?;
+        }
+        let state = SessionStateBuilder::new_from_existing(template.state.clone())
+            .with_catalog_list(catalogs)
+            .with_runtime_env(runtime)
+            .build();
+        Ok(SessionContext::new_with_state(state))
+    }
+
+    /// `pg_catalog`'s fixed tables.
+    fn pg_static(&self) -> Result<Arc<PgCatalogStaticTables>, QueryError> {
+        if let Some(tables) = self.pg_static.get() {
+            return Ok(tables.clone());
+        }
+        let tables = Arc::new(PgCatalogStaticTables::try_new()?);
+        Ok(self.pg_static.get_or_init(|| tables).clone())
+    }
+
+    /// The session template of tenant `scope` at the versions of `tables`, built when there is
+    /// none yet at these versions.
+    fn template(
+        &self,
+        scope: Option<&str>,
+        tables: Vec<TableAt>,
+    ) -> Result<Arc<SessionTemplate>, QueryError> {
+        let versions: Vec<(String, Version)> =
+            tables.iter().map(|t| (t.name.clone(), t.version)).collect();
+        let key = scope.map(str::to_owned);
+        if let Some(template) = self.cached_template(&key)
+            && template.versions == versions
+        {
+            return Ok(template);
+        }
+        let mut config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_default_catalog_and_schema(CATALOG, SCHEMA);
+        // Filters are applied while Parquet pages are decoded (late materialisation): selective
+        // predicates (one device, one hour) skip most of the other columns' decoding.
+        let parquet = &mut config.options_mut().execution.parquet;
+        parquet.pushdown_filters = true;
+        parquet.reorder_filters = true;
+        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        let mut scoped_tables = Vec::with_capacity(tables.len());
+        for t in tables {
+            t.table.update_datafusion_session(&ctx.state())?;
+            if let Some(provider) = scoped(&t.name, t.provider, scope)? {
+                scoped_tables.push((t.name, provider));
             }
         }
         ctx.register_udtf(
             TIME_TRAVEL_FUNCTION,
             Arc::new(TimeTravel {
                 lake: self.lake.clone(),
-                tables: names,
-                tenant: principal.tenant_scope().map(str::to_owned),
+                tables: scoped_tables.iter().map(|(n, _)| n.clone()).collect(),
+                tenant: key.clone(),
             }),
         );
-        Ok(ctx)
+        setup_pg_catalog(&ctx, CATALOG, EmptyContextProvider).map_err(|e| *e)?;
+        ctx.register_udf(UtcDateTrunc::udf());
+        let state = SessionStateBuilder::new_from_existing(ctx.state())
+            .with_physical_optimizer_rule(Arc::new(CountFromStatistics))
+            .build();
+        let pg_catalog = Arc::new(PgCatalogSchemaProvider::try_new(
+            catalog_of(&scoped_tables)?,
+            self.pg_static()?,
+            EmptyContextProvider,
+        )?);
+        let template = Arc::new(SessionTemplate {
+            versions,
+            state,
+            tables: scoped_tables,
+            pg_catalog,
+        });
+        if let Ok(mut templates) = self.templates.lock() {
+            templates.insert(key, template.clone());
+        }
+        Ok(template)
+    }
+
+    fn cached_template(&self, key: &Option<String>) -> Option<Arc<SessionTemplate>> {
+        self.templates.lock().ok()?.get(key).cloned()
     }
 
     /// Plans one statement as `principal` (refusing what their role may not run) in `ctx`.
@@ -278,6 +426,21 @@ impl QueryService {
     }
 }
 
+/// A catalog list holding `tables` in the default catalog and schema.
+fn catalog_of(
+    tables: &[(String, Arc<dyn TableProvider>)],
+) -> Result<Arc<dyn CatalogProviderList>, QueryError> {
+    let catalogs: Arc<dyn CatalogProviderList> = Arc::new(MemoryCatalogProviderList::new());
+    let catalog = Arc::new(MemoryCatalogProvider::new());
+    let schema = Arc::new(MemorySchemaProvider::new());
+    for (name, provider) in tables {
+        schema.register_table(name.clone(), provider.clone())?;
+    }
+    catalog.register_schema(SCHEMA, schema)?;
+    catalogs.register_catalog(CATALOG.into(), catalog);
+    Ok(catalogs)
+}
+
 /// What `principal`'s role may run.
 fn allowed(principal: &Principal) -> SQLOptions {
     let admin = principal.is_admin();
@@ -287,8 +450,8 @@ fn allowed(principal: &Principal) -> SQLOptions {
         .with_allow_statements(admin)
 }
 
-/// `provider` as `tenant` sees it: a view filtering on the tenant column; `None` when the table has
-/// no tenant column (tenants do not see it). Unscoped (admins): the provider itself.
+/// `provider` as `tenant` sees it: a [`TenantTable`] filtering on the tenant column; `None` when
+/// the table has no tenant column (tenants do not see it). Unscoped (admins): the provider itself.
 pub fn scoped(
     name: &str,
     provider: Arc<dyn TableProvider>,
@@ -303,7 +466,45 @@ pub fn scoped(
     let plan = LogicalPlanBuilder::scan(name, provider_as_source(provider), None)?
         .filter(col(TENANT_COLUMN).eq(lit(tenant)))?
         .build()?;
-    Ok(Some(Arc::new(ViewTable::new(plan, None))))
+    Ok(Some(Arc::new(TenantTable(ViewTable::new(plan, None)))))
+}
+
+/// One tenant's rows of a table: a view (`SELECT * FROM table WHERE tenant = '…'`) that the
+/// planner inlines into every query reaching it, listed as a table (clients' schema browsers,
+/// psql's `\dt` and `pg_catalog` show base tables; the tenant has no other).
+#[derive(Debug)]
+pub struct TenantTable(ViewTable);
+
+#[async_trait::async_trait]
+impl TableProvider for TenantTable {
+    fn schema(&self) -> SchemaRef {
+        self.0.schema()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn get_logical_plan(&self) -> Option<std::borrow::Cow<'_, LogicalPlan>> {
+        self.0.get_logical_plan()
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        self.0.scan(state, projection, filters, limit).await
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> datafusion::error::Result<Vec<TableProviderFilterPushDown>> {
+        self.0.supports_filters_pushdown(filters)
+    }
 }
 
 /// `table_at(name, version | timestamp)`.
@@ -376,7 +577,7 @@ impl TableFunctionImpl for TimeTravel {
                     AsOf::Version(v) => table.load_version(v).await?,
                     AsOf::Time(t) => table.load_with_datetime(t).await?,
                 }
-                Ok::<_, QueryError>(table.table_provider().await?)
+                lake_provider(&table).await
             })
         })
         .map_err(|e| DataFusionError::Plan(format!("{TIME_TRAVEL_FUNCTION}('{name}'): {e}")))?;
