@@ -24,7 +24,9 @@ use std::sync::Arc;
 
 use arrow::array::RecordBatch;
 use datafusion::error::DataFusionError;
-use datafusion::prelude::SessionContext;
+use datafusion::execution::runtime_env::RuntimeEnv;
+use datafusion::execution::session_state::SessionStateBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
 use tributary_lake::LakeConfig;
 use tributary_lake::delta_sink::open_table;
 
@@ -130,6 +132,25 @@ pub fn lake_table_names(lake: &LakeConfig) -> Result<Vec<String>, QueryError> {
 /// Tables the pipeline writes, registered even on object stores that cannot be listed cheaply.
 pub const KNOWN_TABLES: [&str; 4] = tributary_lake::tables::TABLES;
 
+/// A DataFusion session as every engine of this crate runs it: filters evaluated while Parquet
+/// pages are decoded (selective predicates — one device, one hour — skip most of the other
+/// columns' decoding), `date_trunc` on UTC by arithmetic ([`functions::UtcDateTrunc`]), counts
+/// per partition from the files' row counts ([`count_from_statistics::CountFromStatistics`]).
+pub fn engine_session(mut config: SessionConfig, runtime: Arc<RuntimeEnv>) -> SessionContext {
+    let parquet = &mut config.options_mut().execution.parquet;
+    parquet.pushdown_filters = true;
+    parquet.reorder_filters = true;
+    let state = SessionStateBuilder::new()
+        .with_config(config)
+        .with_runtime_env(runtime)
+        .with_default_features()
+        .with_physical_optimizer_rule(Arc::new(count_from_statistics::CountFromStatistics))
+        .build();
+    let ctx = SessionContext::new_with_state(state);
+    ctx.register_udf(functions::UtcDateTrunc::udf());
+    ctx
+}
+
 /// The local operator's engine: one DataFusion session with every lake table registered, unscoped.
 pub struct SqlEngine {
     ctx: SessionContext,
@@ -139,8 +160,7 @@ pub struct SqlEngine {
 impl SqlEngine {
     /// Registers every Delta table under the lake root.
     pub async fn over_lake(lake: &LakeConfig) -> Result<Self, QueryError> {
-        let ctx = SessionContext::new();
-        ctx.register_udf(functions::UtcDateTrunc::udf());
+        let ctx = engine_session(SessionConfig::new(), Arc::new(RuntimeEnv::default()));
         let names = lake_table_names(lake)?;
         let mut engine = Self {
             ctx,

@@ -341,9 +341,6 @@ impl QueryParser for PgParser {
             [one] => one.clone(),
             _ => sql.to_owned(), // planning names the problem
         };
-        if acknowledged(&sql).is_some() {
-            return Ok(Some(PgStatement { sql, plan: None }));
-        }
         let ctx = self.service.session(&principal).await.map_err(pg_error)?;
         let plan = self
             .service

@@ -38,9 +38,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::{Expr, SQLOptions, SessionConfig, SessionContext, col, lit};
 use datafusion::scalar::ScalarValue;
 use datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider;
-use datafusion_pg_catalog::pg_catalog::{
-    PgCatalogSchemaProvider, PgCatalogStaticTables, setup_pg_catalog,
-};
+use datafusion_pg_catalog::pg_catalog::setup_pg_catalog;
 use deltalake::DeltaTable;
 use deltalake::kernel::Version;
 use futures::{Stream, StreamExt};
@@ -49,10 +47,8 @@ use tributary_lake::LakeConfig;
 use tributary_lake::delta_sink::open_table;
 
 use crate::config::{Principal, QueryLimits};
-use crate::count_from_statistics::CountFromStatistics;
-use crate::functions::UtcDateTrunc;
 use crate::snapshot_table::lake_provider;
-use crate::{QueryError, lake_table_names};
+use crate::{QueryError, engine_session, lake_table_names};
 
 /// The column every tenant-scoped table is filtered on.
 pub const TENANT_COLUMN: &str = "tenant";
@@ -113,8 +109,6 @@ pub struct QueryService {
     templates: std::sync::Mutex<HashMap<Option<String>, Arc<SessionTemplate>>>,
     /// What queries share: object stores, the Parquet metadata cache, the spill directory.
     runtime: Arc<RuntimeEnv>,
-    /// `pg_catalog`'s fixed tables (types, functions, …), decoded once.
-    pg_static: std::sync::OnceLock<Arc<PgCatalogStaticTables>>,
     slots: Arc<Semaphore>,
 }
 
@@ -133,7 +127,6 @@ impl QueryService {
             tables: Mutex::new(BTreeMap::new()),
             templates: std::sync::Mutex::new(HashMap::new()),
             runtime,
-            pg_static: std::sync::OnceLock::new(),
         }
     }
 
@@ -220,15 +213,6 @@ impl QueryService {
         Ok(SessionContext::new_with_state(state))
     }
 
-    /// `pg_catalog`'s fixed tables.
-    fn pg_static(&self) -> Result<Arc<PgCatalogStaticTables>, QueryError> {
-        if let Some(tables) = self.pg_static.get() {
-            return Ok(tables.clone());
-        }
-        let tables = Arc::new(PgCatalogStaticTables::try_new()?);
-        Ok(self.pg_static.get_or_init(|| tables).clone())
-    }
-
     /// The session template of tenant `scope` at the versions of `tables`, built when there is
     /// none yet at these versions.
     fn template(
@@ -244,19 +228,15 @@ impl QueryService {
         {
             return Ok(template);
         }
-        let mut config = SessionConfig::new()
+        let config = SessionConfig::new()
             .with_information_schema(true)
             .with_default_catalog_and_schema(CATALOG, SCHEMA);
-        // Filters are applied while Parquet pages are decoded (late materialisation): selective
-        // predicates (one device, one hour) skip most of the other columns' decoding.
-        let parquet = &mut config.options_mut().execution.parquet;
-        parquet.pushdown_filters = true;
-        parquet.reorder_filters = true;
-        let ctx = SessionContext::new_with_config_rt(config, self.runtime.clone());
+        let ctx = engine_session(config, self.runtime.clone());
         let mut scoped_tables = Vec::with_capacity(tables.len());
         for t in tables {
             t.table.update_datafusion_session(&ctx.state())?;
             if let Some(provider) = scoped(&t.name, t.provider, scope)? {
+                ctx.register_table(t.name.as_str(), provider.clone())?;
                 scoped_tables.push((t.name, provider));
             }
         }
@@ -268,19 +248,19 @@ impl QueryService {
                 tenant: key.clone(),
             }),
         );
+        // pg_catalog's functions go into the state; its schema (over this context's tables) is
+        // taken out of the catalog it lists, so the two do not hold each other, and added to each
+        // query's own catalog.
         setup_pg_catalog(&ctx, CATALOG, EmptyContextProvider).map_err(|e| *e)?;
-        ctx.register_udf(UtcDateTrunc::udf());
-        let state = SessionStateBuilder::new_from_existing(ctx.state())
-            .with_physical_optimizer_rule(Arc::new(CountFromStatistics))
-            .build();
-        let pg_catalog = Arc::new(PgCatalogSchemaProvider::try_new(
-            catalog_of(&scoped_tables)?,
-            self.pg_static()?,
-            EmptyContextProvider,
-        )?);
+        let catalog = ctx.catalog(CATALOG).ok_or_else(|| {
+            QueryError::Io(std::io::Error::other("the session has no default catalog"))
+        })?;
+        let pg_catalog = catalog
+            .deregister_schema("pg_catalog", true)?
+            .ok_or_else(|| QueryError::Io(std::io::Error::other("pg_catalog was not set up")))?;
         let template = Arc::new(SessionTemplate {
             versions,
-            state,
+            state: ctx.state(),
             tables: scoped_tables,
             pg_catalog,
         });
