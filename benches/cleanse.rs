@@ -83,7 +83,7 @@ fn main() {
     let mut measurements = 0usize;
     for r in &input {
         let e: RawEnvelope = decode(r).expect("decodes");
-        if let Ok(m) = parse_message(&e.content_type, &e.payload, e.received_at) {
+        if let Ok(m) = parse_message(&e.content_type, &e.payload, &e.device, e.received_at) {
             measurements += m.measurements.len();
         }
     }

@@ -97,6 +97,8 @@ fn reading(i: u64, o: &Options) -> Reading {
         source_offset: i as i64,
         source_index: 0,
         measurement: Some(0),
+        name: None,
+        conflict: false,
     }
 }
 

@@ -90,6 +90,8 @@ fn reading(i: u64, devices: u64, start: i64) -> Reading {
         source_offset: i as i64,
         source_index: 0,
         measurement: Some(0),
+        name: None,
+        conflict: false,
     }
 }
 

@@ -103,14 +103,18 @@ fn since_time(s: &str) -> anyhow::Result<String> {
     let n: i64 = n
         .parse()
         .with_context(|| format!("--since `{s}`: not an RFC 3339 time nor an age like 2h"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => bail!("--since `{s}`: an age's unit is s, m, h or d"),
     };
-    let t = chrono::Utc::now() - chrono::Duration::seconds(secs);
+    let t = n
+        .checked_mul(unit_secs)
+        .and_then(chrono::TimeDelta::try_seconds)
+        .and_then(|age| chrono::Utc::now().checked_sub_signed(age))
+        .with_context(|| format!("--since `{s}`: the age is too large"))?;
     Ok(t.to_rfc3339())
 }
 

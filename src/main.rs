@@ -176,6 +176,15 @@ fn init_tracing() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
+    // A panic is logged where operators look (the stage's supervisor then restarts the stage).
+    std::panic::set_hook(Box::new(|info| {
+        let message = tributary_streams::containment::panic_message(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(%location, %message, "panic");
+    }));
 }
 
 fn main() -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Args;
 use tributary_lake::delta_sink::open_table;
 use tributary_lake::maintenance::{self, Compaction};
@@ -84,7 +85,11 @@ pub async fn vacuum(config: &Config, args: VacuumArgs) -> anyhow::Result<()> {
         );
     }
     let table = open_table(&config.lake, &args.table).await?;
-    let retention = Duration::from_secs(args.retention_hours * 3600);
+    let retention = args
+        .retention_hours
+        .checked_mul(3600)
+        .map(Duration::from_secs)
+        .context("--retention-hours is too large")?;
     let (_, files) = maintenance::vacuum(table, retention, args.dry_run).await?;
     let verb = if args.dry_run {
         "would delete"

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::ValueEnum;
+use futures::FutureExt;
 use tokio::task::JoinSet;
 use tributary_ingest::broker_credentials::BrokerCredentials;
 use tributary_ingest::http::HttpIngest;
@@ -42,6 +43,7 @@ use tributary_registry::writer::RegistryWriter;
 use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading};
+use tributary_streams::StreamError;
 use tributary_streams::cleanse::CleanseStage;
 
 use crate::config::Config;
@@ -268,10 +270,11 @@ fn spawn_sink<R: LakeRow>(
     });
 }
 
-/// Runs a stage; when it fails (Kafka gone, storage error, …) logs why and starts it again after a
-/// growing pause. A restarted stage resumes from its committed state (consumer group offsets, the
-/// table's `txn` versions), exactly as after a crash, so a broker outage does not take the process
-/// (and with it the ingest endpoints) down.
+/// Runs a stage; when it fails (Kafka gone, storage error, a record it failed on, a panic: each an
+/// error here) logs why and starts it again after a growing pause. A restarted stage resumes from
+/// its committed state (consumer group offsets, the table's `txn` versions), exactly as after a
+/// crash, so neither a broker outage nor a bug hit by one device's input takes the process (and
+/// with it the ingest endpoints of every tenant) down.
 fn supervise<F, Fut>(
     tasks: &mut JoinSet<anyhow::Result<&'static str>>,
     name: &'static str,
@@ -284,8 +287,24 @@ fn supervise<F, Fut>(
         let mut pause = Duration::from_secs(1);
         loop {
             let started = Instant::now();
-            match start().await {
+            let run = std::panic::AssertUnwindSafe(start()).catch_unwind().await;
+            let outcome = run.unwrap_or_else(|panic| {
+                Err(anyhow::anyhow!(
+                    "panicked: {}",
+                    tributary_streams::containment::panic_message(panic.as_ref())
+                ))
+            });
+            match outcome {
                 Ok(()) => return Ok(name),
+                // One record failed (not the stage's world): start again at once, so a device
+                // sending many poisoned records slows its partition, not everyone's for minutes.
+                Err(e)
+                    if e.downcast_ref::<StreamError>()
+                        .is_some_and(|e| matches!(e, StreamError::RecordFailed(_))) =>
+                {
+                    tracing::warn!(stage = name, error = format!("{e:#}"), "stage restarting after a record failed it");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Err(e) => {
                     if started.elapsed() > Duration::from_secs(120) {
                         pause = Duration::from_secs(1);

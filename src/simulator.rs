@@ -1,5 +1,8 @@
 //! `tributary simulate`: devices sending plausible telemetry over MQTT or HTTP, with a few malformed
-//! messages and duplicates (the same message id sent twice). It keeps exact count of what the lake
+//! messages and duplicates (the same message id sent twice). As real devices do, each simulated
+//! device sends on one channel (give two simulators running at once different `--first-device`s)
+//! and its event times strictly increase (one millisecond apart at least), so no two of its
+//! readings of a metric share an instant. It keeps exact count of what the lake
 //! should end up holding and prints it as JSON, so a run can be checked end to end.
 
 use std::sync::Arc;
@@ -31,6 +34,10 @@ pub struct SimulateArgs {
     /// Number of devices (taken from the seeded registry).
     #[arg(long, default_value_t = 20)]
     pub devices: usize,
+    /// The first of the seeded devices to use (0-based): simulators running at once over MQTT
+    /// and HTTP take disjoint ranges, as a device sends on one channel.
+    #[arg(long, default_value_t = 0)]
+    pub first_device: usize,
     /// Messages per second, all devices together.
     #[arg(long, default_value_t = 500.0)]
     pub rate: f64,
@@ -75,7 +82,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "h" => n * 3600.0,
         _ => return Err(format!("`{s}`: unit must be ms, s, m or h")),
     };
-    Ok(Duration::from_secs_f64(secs))
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{s}` is not a duration we can wait"))
 }
 
 /// What was sent and what the lake should hold because of it.
@@ -113,6 +120,8 @@ struct DeviceModel {
     phase: f64,
     battery: f64,
     last: Option<Vec<u8>>,
+    /// The event time of its latest message (ms): the next is later.
+    last_time: i64,
 }
 
 struct Generator {
@@ -135,7 +144,9 @@ impl Generator {
         }
         d.seq += 1;
         let id = format!("{}-{}-{}", self.run_id, d.secret.device, d.seq);
-        let t = chrono::Utc::now();
+        let now = chrono::Utc::now().timestamp_millis();
+        d.last_time = now.max(d.last_time.saturating_add(1));
+        let t = chrono::DateTime::from_timestamp_millis(d.last_time).unwrap_or_default();
         let secs = t.timestamp() as f64;
         let temperature =
             20.0 + 4.0 * ((secs / 600.0) + d.phase).sin() + self.rng.random_range(-0.3..0.3);
@@ -191,16 +202,20 @@ impl Generator {
 pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
     let secrets = load_secrets(&config.simulator.tokens_path)?;
     anyhow::ensure!(
-        args.devices >= 1 && args.devices <= secrets.len(),
-        "--devices must be between 1 and {} (the seeded devices)",
+        args.devices >= 1 && args.first_device.saturating_add(args.devices) <= secrets.len(),
+        "--first-device + --devices must be at most {} (the seeded devices), --devices at least 1",
         secrets.len()
     );
-    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    anyhow::ensure!(
+        args.rate.is_finite() && args.rate >= 0.001,
+        "--rate must be at least 0.001 messages per second"
+    );
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut rng = StdRng::seed_from_u64(seed);
     let run_id = format!("r{:08x}", rng.random::<u32>());
     let mut devices: Vec<DeviceModel> = secrets
         .into_iter()
+        .skip(args.first_device)
         .take(args.devices)
         .map(|secret| DeviceModel {
             secret,
@@ -208,6 +223,7 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
             phase: rng.random_range(0.0..std::f64::consts::TAU),
             battery: rng.random_range(3.7..4.2),
             last: None,
+            last_time: 0,
         })
         .collect();
     let mut generator = Generator {
@@ -226,13 +242,18 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
     let retries = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let total = args.messages;
-    let deadline = started + args.duration;
+    let deadline = started
+        .checked_add(args.duration)
+        .context("--duration is too long")?;
     let done = |summary: &Summary| match total {
         Some(n) => summary.messages >= n,
         None => Instant::now() >= deadline,
     };
     let mut sent_units = 0u64;
-    let pace = |units: u64| started + Duration::from_secs_f64(units as f64 / args.rate);
+    let pace = |units: u64| {
+        let wait = Duration::try_from_secs_f64(units as f64 / args.rate).unwrap_or(Duration::MAX);
+        started.checked_add(wait).unwrap_or(deadline)
+    };
     let record = |summary: &mut Summary, g: &Option<Generated>| match g {
         Some(g) => {
             summary.messages += 1;

@@ -307,14 +307,14 @@ fn crafted_data_set_gives_exactly_the_expected_tables_across_kills_replays_and_r
     assert_eq!(
         got,
         [
-            "a future_event_time metrics.temperature.time",
+            "a future_event_time time",
             "a malformed_json -",
             "a non_numeric_value metrics.temperature",
             "a out_of_range metrics.humidity",
-            "a too_old metrics.temperature.time",
+            "a too_old time",
             "a unknown_unit metrics.temperature.unit",
-            "b late_event metrics.temperature.time",
-            "b late_event metrics.temperature.time",
+            "b late_event [3].t",
+            "b late_event [4].t",
             "b rate_of_change metrics.flow",
             "b type_mismatch metrics.flow",
             "b unknown_metric metrics.rpm",

@@ -49,6 +49,8 @@ fn readings(tenant: &str, devices: &[&str], per_device: usize, first: usize) -> 
                 source_offset: i as i64,
                 source_index: 0,
                 measurement: Some(0),
+                name: None,
+                conflict: false,
             });
         }
     }

@@ -47,10 +47,10 @@ rows() {
 before_readings=$(rows telemetry)
 before_dead=$(rows deadletter)
 
-echo "simulating 50 devices for ${DEMO_SECONDS}s at ${DEMO_RATE} msg/s over MQTT and over HTTP…"
-"$bin" simulate --via mqtt --devices 50 --rate "$DEMO_RATE" --duration "${DEMO_SECONDS}s" >"$STACK_DIR/sim-mqtt.json" &
+echo "simulating 50 devices (25 over MQTT, 25 over HTTP) for ${DEMO_SECONDS}s at ${DEMO_RATE} msg/s each…"
+"$bin" simulate --via mqtt --devices 25 --rate "$DEMO_RATE" --duration "${DEMO_SECONDS}s" >"$STACK_DIR/sim-mqtt.json" &
 sim_mqtt=$!
-"$bin" simulate --via http --devices 50 --rate "$DEMO_RATE" --duration "${DEMO_SECONDS}s" >"$STACK_DIR/sim-http.json"
+"$bin" simulate --via http --first-device 25 --devices 25 --rate "$DEMO_RATE" --duration "${DEMO_SECONDS}s" >"$STACK_DIR/sim-http.json"
 wait "$sim_mqtt"
 echo "mqtt: $(cat "$STACK_DIR/sim-mqtt.json")"
 echo "http: $(cat "$STACK_DIR/sim-http.json")"

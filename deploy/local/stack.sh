@@ -95,6 +95,8 @@ persistence true
 persistence_location $STACK_DIR/mosquitto/
 autosave_interval 1
 max_queued_messages 1000000
+# One device message is at most 256 KiB (payload::MAX_MESSAGE_BYTES) plus topic and properties.
+max_packet_size 266240
 CONF
 }
 

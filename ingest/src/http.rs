@@ -21,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tributary_schemas::payload::{BodyFormat, content_event_id, split_body};
+use tributary_schemas::payload::{BodyFormat, content_event_id, refusal_at_ingest, split_body};
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{RawEnvelope, Source, now_micros};
 
@@ -297,6 +297,33 @@ async fn telemetry(
             Some("device"),
         );
     }
+    let received_at = now_micros();
+    // Times out of range and oversized messages are refused here, where the device can be told.
+    if let Some((i, m)) = messages
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.bytes.len() > tributary_schemas::payload::MAX_MESSAGE_BYTES)
+    {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "message {i} is {} bytes; one message may have at most {}",
+                m.bytes.len(),
+                tributary_schemas::payload::MAX_MESSAGE_BYTES
+            ),
+            None,
+        );
+    }
+    for (i, m) in messages.iter().enumerate() {
+        if let Err(e) = refusal_at_ingest(format, m.bytes, &device.id, received_at) {
+            let e = if messages.len() > 1 {
+                e.at(format!("message {i}"))
+            } else {
+                e
+            };
+            return error(StatusCode::BAD_REQUEST, e.to_string(), e.field.as_deref());
+        }
+    }
     if let Some(limit) = &state.rate_limit
         && let Err(wait) = limit.take(&device.tenant, messages.len())
     {
@@ -306,7 +333,6 @@ async fn telemetry(
             wait,
         );
     }
-    let received_at = now_micros();
     let envelopes: Vec<RawEnvelope> = messages
         .iter()
         .map(|m| RawEnvelope {

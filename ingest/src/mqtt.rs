@@ -201,6 +201,7 @@ impl MqttBridge {
             .set_session_expiry_interval(Some(self.config.session_expiry_secs))
             .set_receive_maximum(Some(self.config.receive_maximum))
             .set_manual_acks(true)
+            .set_max_packet_size(Some(payload::MAX_MQTT_PACKET_BYTES))
             .set_keep_alive(Duration::from_secs(15));
         if let Some(user) = &self.config.username {
             options.set_credentials(

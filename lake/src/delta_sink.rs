@@ -693,6 +693,8 @@ mod tests {
             source_offset: 1,
             source_index: 0,
             measurement: Some(0),
+            name: None,
+            conflict: false,
         }
     }
 

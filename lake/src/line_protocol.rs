@@ -7,6 +7,8 @@
 //! - measurement: configurable (`timeseries.measurement`, default `telemetry`);
 //! - tags, sorted by key (what InfluxDB recommends): `device`, the device's site hierarchy from the
 //!   registry as `site_1` (outermost) … `site_n`, and `tenant`;
+//! - `conflict=true` on a second value of the same instant that the tenant keeps
+//!   (`conflicting_readings = "keep_both"`), so the store keeps both points like the lake;
 //! - one field: the metric, its normalised value (always a float, so a field never changes type);
 //! - the timestamp: the event time in microseconds (write with `precision=us`).
 //!
@@ -60,6 +62,11 @@ pub fn series_key(measurement: &str, tenant: &str, device: &str, site: &[String]
 /// Appends the line of one reading of a series (see [`series_key`]).
 pub fn push_point(out: &mut String, series: &str, reading: &Reading) {
     out.push_str(series);
+    if reading.conflict {
+        // A second value the tenant keeps beside the first (`keep_both`): a series of its own,
+        // or the store would keep one point where the lake holds two.
+        out.push_str(",conflict=true");
+    }
     out.push(' ');
     push_escaped(out, &reading.metric, true);
     out.push('=');
@@ -92,6 +99,8 @@ mod tests {
             source_offset: 7,
             source_index: 0,
             measurement: Some(0),
+            name: None,
+            conflict: false,
         }
     }
 

@@ -312,7 +312,11 @@ impl QueryService {
         params: Option<ParamValues>,
     ) -> Result<QueryStream, QueryError> {
         let permit = self.permit()?;
-        let deadline = tokio::time::Instant::now() + self.limits.timeout;
+        let now = tokio::time::Instant::now();
+        // A timeout too large to add means none (a year stands in for it).
+        let deadline = now
+            .checked_add(self.limits.timeout)
+            .unwrap_or_else(|| now + std::time::Duration::from_secs(365 * 86_400));
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let (batches_tx, batches_rx) = tokio::sync::mpsc::channel(2);
         let (service, principal, sql) = (self.clone(), principal.clone(), sql.to_owned());

@@ -400,6 +400,8 @@ mod tests {
             source_offset: i,
             source_index: 0,
             measurement: Some(0),
+            name: None,
+            conflict: false,
         }
     }
 

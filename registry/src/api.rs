@@ -420,6 +420,13 @@ async fn bulk(_: Admin, State(state): State<Arc<ApiState>>, body: Bytes) -> Resp
             Some("recipe.layout"),
         );
     }
+    let Some(_) = req.first.checked_add(req.count) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "first + count is beyond the largest number",
+            Some("first"),
+        );
+    };
     let ids: Vec<String> = (0..req.count)
         .map(|i| format!("{}{:05}", req.id_prefix, req.first + i))
         .collect();
@@ -547,7 +554,7 @@ async fn update(
     let Some(current) = state.writer.view().get(&id) else {
         return not_found(&id);
     };
-    let at = now_micros().max(current.updated_at + 1);
+    let at = now_micros().max(current.updated_at.saturating_add(1));
     let mut d = (*current).clone();
     if let Some(v) = patch.group {
         d.group = v;

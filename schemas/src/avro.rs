@@ -119,6 +119,13 @@ pub struct Reading {
     /// device, event id) the reading's identity.
     #[serde(default)]
     pub measurement: Option<i32>,
+    /// SenML: the resolved name (base name + name) as sent; `None` for our JSON.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A different value of the same (tenant, device, metric, event time) came first and the
+    /// tenant's policy keeps both.
+    #[serde(default)]
+    pub conflict: bool,
 }
 
 /// Topic `deadletter`: a rejected input with the rule, reason and provenance. Schema:
@@ -203,10 +210,14 @@ impl SchemaId {
     pub const REGISTRY_EVENT_V1: u32 = 4;
     pub const REGISTRY_EVENT: u32 = 5;
     pub const RAW_ENVELOPE: u32 = 6;
-    pub const READING: u32 = 7;
     /// `dead_letter.v1.avsc`: before `measurement`; still read.
     pub const DEAD_LETTER_V1: u32 = 3;
-    pub const CATALOG_EVENT: u32 = 9;
+    /// `catalog_event.v1.avsc`: before `Policy.conflicting_readings` and `MetricSpec.names`.
+    pub const CATALOG_EVENT_V1: u32 = 9;
+    /// `reading.v2.avsc`: before `name` (SenML) and `conflict`; still read.
+    pub const READING_V2: u32 = 7;
+    pub const READING: u32 = 10;
+    pub const CATALOG_EVENT: u32 = 11;
 }
 
 topic_record!(
@@ -221,7 +232,10 @@ topic_record!(
     "Reading",
     SchemaId::READING,
     "reading.avsc",
-    earlier: [(SchemaId::READING_V1, "reading.v1.avsc")]
+    earlier: [
+        (SchemaId::READING_V1, "reading.v1.avsc"),
+        (SchemaId::READING_V2, "reading.v2.avsc")
+    ]
 );
 topic_record!(
     DeadLetter,
@@ -243,7 +257,8 @@ topic_record!(
     crate::catalog::CatalogEvent,
     "CatalogEvent",
     SchemaId::CATALOG_EVENT,
-    "catalog_event.avsc"
+    "catalog_event.avsc",
+    earlier: [(SchemaId::CATALOG_EVENT_V1, "catalog_event.v1.avsc")]
 );
 
 impl Derived for Reading {
@@ -349,6 +364,8 @@ mod tests {
             source_offset: 77,
             source_index: 1,
             measurement: Some(1),
+            name: None,
+            conflict: false,
         };
         assert_eq!(decode::<Reading>(&encode(&r).unwrap()).unwrap(), r);
         let d = DeadLetter {
@@ -464,6 +481,8 @@ mod tests {
             source_offset: 1,
             source_index: 0,
             measurement: None,
+            name: None,
+            conflict: false,
         };
         let old = as_earlier(
             &r,

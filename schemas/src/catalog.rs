@@ -38,6 +38,23 @@ pub enum LateData {
     Reject,
 }
 
+/// What happens to a second, different value for the same (tenant, device, metric, event time):
+/// decided once, in the cleanse stage, so the lake and the time-series store (which keeps one point
+/// per series and timestamp) hold the same readings. An equal value is a duplicate, dropped and
+/// counted whatever the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictingReadings {
+    /// The first value is kept; later ones are dead-lettered (rule `conflicting_reading`).
+    #[default]
+    Reject,
+    /// The first value is kept; later ones are dropped and counted.
+    KeepFirst,
+    /// Both are kept, the later flagged `conflict` (the time-series store writes it with the tag
+    /// `conflict=true`, a series of its own, so it keeps both too).
+    KeepBoth,
+}
+
 /// A tenant's cleansing policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -54,6 +71,8 @@ pub struct Policy {
     pub late_data: LateData,
     /// With `late_data = "reject"`: how far behind the watermark a late reading may still be.
     pub max_lateness_secs: u64,
+    /// A second, different value for the same (device, metric, event time).
+    pub conflicting_readings: ConflictingReadings,
 }
 
 impl Default for Policy {
@@ -65,6 +84,7 @@ impl Default for Policy {
             allowed_lateness_secs: 600,
             late_data: LateData::Accept,
             max_lateness_secs: 7 * 86_400,
+            conflicting_readings: ConflictingReadings::Reject,
         }
     }
 }
@@ -87,7 +107,9 @@ pub struct MetricSpec {
     /// The canonical unit: readings are stored in it. A reading sent without a unit is taken to be
     /// in it.
     pub unit: String,
-    /// Other units accepted and converted (e.g. `["degF", "K"]` for `Cel`).
+    /// Other units named as accepted (e.g. `["degF", "K"]` for `Cel`); each must be of the
+    /// canonical unit's quantity. Every unit of that quantity is accepted and converted anyway
+    /// (`J`, `Wh`, `kWh`, `MWh` for energy): the list documents what a tenant's devices send.
     #[serde(default)]
     pub units: Vec<String>,
     /// Physical range, in the canonical unit (inclusive).
@@ -98,6 +120,10 @@ pub struct MetricSpec {
     /// Largest change per second between consecutive readings of a device (canonical unit).
     #[serde(default)]
     pub max_rate_per_sec: Option<f64>,
+    /// Names read as this metric: a metric name as sent, or a resolved SenML name; `*` matches
+    /// any run of characters (`["temp", "*:temp_c"]`).
+    #[serde(default)]
+    pub names: Vec<String>,
 }
 
 fn float() -> ValueType {
@@ -123,6 +149,7 @@ pub fn default_metrics() -> BTreeMap<String, MetricSpec> {
         min,
         max,
         max_rate_per_sec: None,
+        names: Vec::new(),
     };
     BTreeMap::from([
         (
@@ -265,6 +292,12 @@ impl Metric {
         {
             return Err(err("max_rate_per_sec", "must be positive".into()));
         }
+        if [spec.min, spec.max].iter().flatten().any(|v| v.is_nan()) {
+            return Err(err("min", "min and max must be numbers".into()));
+        }
+        if let Some(n) = spec.names.iter().find(|n| n.is_empty() || n.len() > 256) {
+            return Err(err("names", format!("`{n}` must be 1 to 256 bytes")));
+        }
         Ok(Self {
             spec,
             unit,
@@ -272,23 +305,27 @@ impl Metric {
         })
     }
 
-    /// The unit a reading was sent in, if this metric accepts it (`None`: the canonical unit).
+    /// The unit a reading was sent in, if this metric accepts it (`None`: the canonical unit):
+    /// every unit of the canonical unit's quantity, by any of its spellings (`°F` for `degF`).
     pub fn accepts(&self, unit: Option<&str>) -> Option<&'static Unit> {
         match unit {
             None => Some(self.unit),
-            Some(u) => self.accepted.get(u).copied().or_else(|| {
-                // Another spelling of an accepted unit (`°F` for `degF`).
-                units::lookup(u).and_then(|unit| self.accepted.get(unit.name).copied())
-            }),
+            Some(u) => self
+                .accepted
+                .get(u)
+                .copied()
+                .or_else(|| units::lookup(u).filter(|u| u.quantity == self.unit.quantity)),
         }
     }
 
-    /// The units this metric accepts, for error messages.
+    /// The units this metric accepts, for error messages: the canonical one first.
     pub fn accepted_names(&self) -> String {
-        let mut names: Vec<&str> = std::iter::once(self.spec.unit.as_str())
-            .chain(self.spec.units.iter().map(String::as_str))
-            .collect();
-        names.dedup();
+        let mut names: Vec<&str> = vec![self.unit.name];
+        names.extend(
+            units::of(self.unit.quantity)
+                .map(|u| u.name)
+                .filter(|n| *n != self.unit.name),
+        );
         names.join(", ")
     }
 }
@@ -298,6 +335,51 @@ impl Metric {
 pub struct Rules {
     pub policy: Policy,
     pub metrics: HashMap<String, Metric>,
+    /// (pattern, metric) for every `names` entry, in metric order.
+    aliases: Vec<(String, String)>,
+}
+
+impl Rules {
+    /// The catalog's metric of a measurement sent as `metric` (with its resolved SenML `name`):
+    /// the metric itself when the catalog declares it, else the first metric one of whose `names`
+    /// matches `metric` or `name`, else `metric` as sent (undeclared).
+    pub fn resolve<'a>(
+        &'a self,
+        metric: &'a str,
+        name: Option<&'a str>,
+    ) -> (&'a str, Option<&'a Metric>) {
+        if let Some((m, spec)) = self.metrics.get_key_value(metric) {
+            return (m, Some(spec));
+        }
+        for (pattern, target) in &self.aliases {
+            if glob(pattern, metric) || name.is_some_and(|n| glob(pattern, n)) {
+                if let Some((m, spec)) = self.metrics.get_key_value(target) {
+                    return (m, Some(spec));
+                }
+            }
+        }
+        (metric, None)
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` stands for any run of characters.
+fn glob(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or_default();
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// The whole catalog, checked: the default rules and each tenant's.
@@ -324,9 +406,16 @@ impl Catalog {
                 })
                 .collect::<Result<HashMap<_, _>, CatalogError>>()
         };
+        let aliases = |specs: &BTreeMap<String, MetricSpec>| -> Vec<(String, String)> {
+            specs
+                .iter()
+                .flat_map(|(m, spec)| spec.names.iter().map(move |n| (n.clone(), m.clone())))
+                .collect()
+        };
         let default = Rules {
             policy: policy.clone(),
             metrics: compile("", metrics)?,
+            aliases: aliases(metrics),
         };
         let mut out = HashMap::new();
         for (tenant, t) in tenants {
@@ -337,6 +426,10 @@ impl Catalog {
             rules
                 .metrics
                 .extend(compile(&format!("tenants.{tenant}."), &t.metrics)?);
+            // The tenant's own names are tried first.
+            let mut own = aliases(&t.metrics);
+            own.append(&mut rules.aliases);
+            rules.aliases = own;
             out.insert(tenant.clone(), rules);
         }
         Ok(Self {
@@ -407,6 +500,7 @@ mod tests {
             min: None,
             max: None,
             max_rate_per_sec: None,
+            names: Vec::new(),
         }
     }
 
@@ -438,6 +532,36 @@ mod tests {
         assert_eq!(t.accepts(Some("°F")).map(|u| u.name), Some("degF"));
         assert_eq!(t.accepts(None).map(|u| u.name), Some("Cel"));
         assert!(t.accepts(Some("V")).is_none());
+        // Every unit of the quantity, listed or not: the SenML primary unit of energy is J.
+        let e = &c.rules("other").metrics["energy"];
+        assert_eq!(e.accepts(Some("J")).map(|u| u.name), Some("J"));
+        assert!(e.accepted_names().starts_with("kWh, J, Wh"));
+    }
+
+    #[test]
+    fn names_alias_metrics_tenant_first() {
+        let mut metrics = default_metrics();
+        metrics.get_mut("temperature").unwrap().names = vec!["temp".into(), "*:t*_c".into()];
+        let mut own = spec("Cel", &[]);
+        own.names = vec!["temp".into()];
+        let tenants = BTreeMap::from([(
+            "acme".to_owned(),
+            TenantCatalog {
+                policy: None,
+                metrics: BTreeMap::from([("room".to_owned(), own)]),
+            },
+        )]);
+        let c = Catalog::new(&Policy::default(), &metrics, &tenants).unwrap();
+        let r = c.rules("other");
+        assert_eq!(r.resolve("temp", None).0, "temperature");
+        assert_eq!(r.resolve("sensor1:temp_c", None).0, "temperature");
+        assert_eq!(r.resolve("x", Some("gw:sensor2:t2_c")).0, "temperature");
+        assert_eq!(r.resolve("humidity", None).0, "humidity");
+        let (m, spec) = r.resolve("sensor1:temp", None);
+        assert_eq!((m, spec.is_none()), ("sensor1:temp", true));
+        assert_eq!(c.rules("acme").resolve("temp", None).0, "room");
+        assert!(glob("a*b*c", "a-b-c") && glob("*", "") && !glob("a*c", "ab") && glob("ab", "ab"));
+        assert!(!glob("a*a", "a"), "the two ends may not overlap");
     }
 
     #[test]

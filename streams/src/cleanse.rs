@@ -18,14 +18,15 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tributary_schemas::avro::{self, decode};
 use tributary_schemas::kafka::{self, KafkaConfig};
-use tributary_schemas::payload::{Measurement, parse_message};
+use tributary_schemas::payload::{self, Measurement, parse_message};
 use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, Source, now_micros};
 
 use crate::StreamError;
-use crate::dedup::{self, DedupWindow, Key};
+use crate::containment::{self, Attempts, FaultInjection, RecordId, STAGE_FAILURE};
+use crate::dedup::{self, DedupWindow, Key, ReadingWindow};
 use tributary_schemas::catalog::{
-    Catalog, CatalogBase, CatalogError, CatalogOverrides, LateData, MetricSpec, Policy, Rules,
-    TenantCatalog, UnknownMetrics, ValueType, default_metrics,
+    Catalog, CatalogBase, CatalogError, CatalogOverrides, ConflictingReadings, LateData,
+    MetricSpec, Policy, Rules, TenantCatalog, UnknownMetrics, ValueType, default_metrics,
 };
 use tributary_schemas::kafka::{PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 
@@ -39,8 +40,13 @@ pub struct CleanseConfig {
     /// Events with the same (tenant, device, event id) within this many seconds are duplicates.
     pub dedup_horizon_secs: u64,
     /// Most messages one raw partition's dedup window holds (≈ 95 bytes each); beyond, the oldest
-    /// are forgotten before the horizon (logged).
+    /// are forgotten before the horizon (logged). The same bound holds for readings remembered for
+    /// conflicts.
     pub dedup_max_entries: usize,
+    /// A reading of the same (tenant, device, metric, event time) as one accepted within this many
+    /// seconds (of receipt) is a duplicate (same value) or a conflict (another value: the tenant's
+    /// `conflicting_readings` policy decides). Costs ≈ 95 bytes per reading inside it.
+    pub conflict_horizon_secs: u64,
     /// Most raw records processed before outputs are awaited and offsets committed.
     pub batch_size: usize,
     /// Longest wait for a batch to fill (milliseconds).
@@ -58,6 +64,7 @@ impl Default for CleanseConfig {
         Self {
             dedup_horizon_secs: 24 * 3600,
             dedup_max_entries: 4_000_000,
+            conflict_horizon_secs: 3600,
             batch_size: 2000,
             batch_ms: 100,
             policy: Policy::default(),
@@ -117,6 +124,8 @@ impl<'a> Position<'a> {
 #[derive(Debug, Clone)]
 pub struct PartitionState {
     pub dedup: DedupWindow,
+    /// Values accepted per (tenant, device, metric, event time), for conflicts.
+    pub readings: ReadingWindow,
     /// The latest event time accepted in this partition.
     pub watermark: Option<Micros>,
     /// Last (event time, value) per (tenant, device, metric) for metrics with a rate limit.
@@ -128,6 +137,7 @@ impl PartitionState {
     /// Approximate heap bytes of this partition's state.
     pub fn approx_bytes(&self) -> usize {
         self.dedup.approx_bytes()
+            + self.readings.approx_bytes()
             + self.last.capacity() * (std::mem::size_of::<(Key, (Micros, f64))>() + 1)
     }
 }
@@ -141,6 +151,12 @@ pub struct CleanseCounts {
     pub late: u64,
     /// Readings converted to their canonical unit.
     pub converted: u64,
+    /// Readings dropped because the same value of the same (device, metric, event time) was
+    /// accepted before, under another event id.
+    pub duplicate_readings: u64,
+    /// Readings with another value for an accepted (device, metric, event time): dead-lettered,
+    /// dropped or kept and flagged, as the tenant's policy says.
+    pub conflicts: u64,
 }
 
 /// The pure cleanse logic: validation against the catalog, unit normalisation, dedup, event time.
@@ -148,6 +164,7 @@ pub struct CleanseCounts {
 pub struct Cleanser {
     catalog: Arc<Catalog>,
     horizon: Micros,
+    conflict_horizon: Micros,
     max_entries: usize,
     partitions: HashMap<i32, PartitionState>,
     pub counts: CleanseCounts,
@@ -171,7 +188,8 @@ impl Cleanser {
     pub fn new(config: &CleanseConfig) -> Result<Self, CatalogError> {
         Ok(Self {
             catalog: Arc::new(config.catalog()?),
-            horizon: config.dedup_horizon_secs.saturating_mul(1_000_000) as Micros,
+            horizon: micros(config.dedup_horizon_secs),
+            conflict_horizon: micros(config.conflict_horizon_secs),
             max_entries: config.dedup_max_entries,
             partitions: HashMap::new(),
             counts: CleanseCounts::default(),
@@ -188,6 +206,7 @@ impl Cleanser {
         Self {
             catalog: self.catalog.clone(),
             horizon: self.horizon,
+            conflict_horizon: self.conflict_horizon,
             max_entries: self.max_entries,
             partitions: HashMap::new(),
             counts: CleanseCounts::default(),
@@ -217,7 +236,7 @@ impl Cleanser {
     fn state(&mut self, partition: i32) -> &mut PartitionState {
         Self::state_in(
             &mut self.partitions,
-            self.horizon,
+            (self.horizon, self.conflict_horizon),
             self.max_entries,
             partition,
         )
@@ -225,7 +244,7 @@ impl Cleanser {
 
     fn state_in(
         partitions: &mut HashMap<i32, PartitionState>,
-        horizon: Micros,
+        (horizon, conflict_horizon): (Micros, Micros),
         max: usize,
         partition: i32,
     ) -> &mut PartitionState {
@@ -233,6 +252,7 @@ impl Cleanser {
             .entry(partition)
             .or_insert_with(|| PartitionState {
                 dedup: DedupWindow::new(horizon, max),
+                readings: ReadingWindow::new(conflict_horizon, max),
                 watermark: None,
                 last: HashMap::new(),
                 processed: 0,
@@ -242,6 +262,37 @@ impl Cleanser {
     /// Cleanses one raw record.
     pub fn process(&mut self, pos: Position<'_>, record: &[u8]) -> Vec<Output> {
         self.process_with(pos, record, None)
+    }
+
+    /// The dead letter of a raw record the stage gave up on after it failed
+    /// [`containment::MAX_ATTEMPTS`] times (rule `stage_failure`, the error as the reason). It
+    /// names the tenant, device and event id when the envelope can be read.
+    pub fn stage_failure(pos: Position<'_>, record: &[u8], error: &str) -> Output {
+        let envelope = containment::guard(|| decode::<RawEnvelope>(record).ok())
+            .ok()
+            .flatten();
+        let mut out = Outputs {
+            pos,
+            out: Vec::with_capacity(1),
+        };
+        let reason = format!(
+            "the {STAGE} stage failed on this record {} times in a row: {error}",
+            containment::MAX_ATTEMPTS
+        );
+        out.reject(Rejection {
+            tenant: envelope.as_ref().map_or("", |e| e.tenant.as_str()),
+            device: envelope.as_ref().map_or("", |e| e.device.as_str()),
+            event_id: envelope.as_ref().map(|e| e.event_id.as_str()),
+            rule: STAGE_FAILURE,
+            field: None,
+            reason,
+            received_at: envelope.as_ref().map_or(pos.written_at, |e| e.received_at),
+            original: envelope.as_ref().map_or(record, |e| e.payload.as_slice()),
+            measurement: None,
+        });
+        out.out
+            .pop()
+            .unwrap_or_else(|| unreachable!("one dead letter was pushed"))
     }
 
     /// Brings the state up to date with a record cleansed before (warm-up), given the measurements
@@ -279,6 +330,28 @@ impl Cleanser {
             }
         };
         let e = &envelope;
+        // Ingest stamps these; a record written by anything else may carry any number.
+        let stamped = [Some(e.received_at), e.replayed_at];
+        if let Some(t) = stamped
+            .into_iter()
+            .flatten()
+            .find(|t| !(payload::EARLIEST_EVENT_TIME..=payload::LATEST_EVENT_TIME).contains(t))
+        {
+            out.reject(Rejection {
+                tenant: &e.tenant,
+                device: &e.device,
+                event_id: Some(&e.event_id),
+                rule: "bad_envelope",
+                field: Some("received_at".into()),
+                reason: format!(
+                    "the envelope's receipt time {t} µs is outside the years 1970..9999"
+                ),
+                received_at: pos.written_at,
+                original: &e.payload,
+                measurement: None,
+            });
+            return out.out;
+        }
         let key = dedup::key(&e.tenant, &e.device, &e.event_id);
         let clock = e.dedup_clock();
         let seen = self.state(pos.partition).dedup.get(key, clock);
@@ -346,7 +419,7 @@ impl Cleanser {
             out.reject(base("unknown_device", Some("device".into()), reason));
             return dedup::ALL;
         }
-        let message = match parse_message(&e.content_type, &e.payload, e.received_at) {
+        let message = match parse_message(&e.content_type, &e.payload, &e.device, e.received_at) {
             Ok(m) => m,
             Err(err) => {
                 out.reject(base(err.rule, err.field.clone(), err.to_string()));
@@ -368,7 +441,7 @@ impl Cleanser {
         let rules = catalog.rules(&e.tenant);
         let state = Self::state_in(
             &mut self.partitions,
-            self.horizon,
+            (self.horizon, self.conflict_horizon),
             self.max_entries,
             out.pos.partition,
         );
@@ -392,7 +465,12 @@ impl Cleanser {
                 }
             };
             match check(rules, state, watermark, e, m) {
-                Ok(reading) => {
+                Ok(Checked::Duplicate) => self.counts.duplicate_readings += 1,
+                Ok(Checked::Dropped) => self.counts.conflicts += 1,
+                Ok(Checked::Reading(reading)) => {
+                    if reading.conflict {
+                        self.counts.conflicts += 1;
+                    }
                     if reading.late {
                         self.counts.late += 1;
                     }
@@ -415,6 +493,9 @@ impl Cleanser {
                     }));
                 }
                 Err((rule, field, reason)) => {
+                    if rule == CONFLICTING_READING {
+                        self.counts.conflicts += 1;
+                    }
                     refused |= dedup::bit(index);
                     out.reject(Rejection {
                         measurement: Some(index as i32),
@@ -446,27 +527,54 @@ impl Redo<'_> {
 /// A refused measurement: rule, field, reason.
 type Refusal = (&'static str, String, String);
 
+/// The rule of a reading refused for another value of an accepted (device, metric, event time).
+pub const CONFLICTING_READING: &str = "conflicting_reading";
+
+/// Seconds of config as [`Micros`], saturating (a config value never overflows a rule).
+fn micros(secs: u64) -> Micros {
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000)
+}
+
+/// A time span for a reason: `1234 s`.
+fn span(us: Micros) -> String {
+    format!("{:.0} s", us as f64 / SECOND)
+}
+
+/// What a measurement that passed every rule becomes.
+enum Checked {
+    Reading(Reading),
+    /// The same value for the same (device, metric, event time) was accepted before.
+    Duplicate,
+    /// Another value came first and the tenant keeps the first (`keep_first`).
+    Dropped,
+}
+
 /// Checks one measurement against the tenant's rules and the partition's state; the reading it
-/// becomes (without its position) or why it is refused.
+/// becomes (without its position) or why it is refused. Every field it names is where the device
+/// put it (`metrics.x.unit`, `[2].u`). Arithmetic on what a device sent saturates or is checked:
+/// no value, time or config makes it panic or wrap.
 fn check(
     rules: &Rules,
     state: &mut PartitionState,
     watermark: Option<Micros>,
     e: &RawEnvelope,
     m: Measurement,
-) -> Result<Reading, Refusal> {
-    let field = format!("metrics.{}", m.metric);
+) -> Result<Checked, Refusal> {
+    let fields = &m.fields;
     let policy = &rules.policy;
+    let (name, metric) = rules.resolve(&m.metric, m.name.as_deref());
+    let name = name.to_owned();
     let (mut value, mut unit, mut original_value, mut original_unit) =
         (m.value, m.unit.clone(), None, None);
-    let metric = rules.metrics.get(&m.metric);
     match metric {
         None if policy.unknown_metrics == UnknownMetrics::Reject => {
             let mut known: Vec<&str> = rules.metrics.keys().map(String::as_str).collect();
             known.sort_unstable();
             return Err((
                 "unknown_metric",
-                field,
+                fields.value.clone(),
                 format!(
                     "metric `{}` is not in tenant `{}`'s catalog (known: {})",
                     m.metric,
@@ -480,11 +588,10 @@ fn check(
             let Some(from) = metric.accepts(m.unit.as_deref()) else {
                 return Err((
                     "unknown_unit",
-                    format!("{field}.unit"),
+                    fields.unit.clone(),
                     format!(
-                        "unit `{}` is not accepted for `{}` (accepted: {})",
+                        "unit `{}` is not accepted for `{name}` (accepted: {})",
                         m.unit.as_deref().unwrap_or_default(),
-                        m.metric,
                         metric.accepted_names()
                     ),
                 ));
@@ -492,11 +599,21 @@ fn check(
             if metric.spec.value_type == ValueType::Integer && m.value.fract() != 0.0 {
                 return Err((
                     "type_mismatch",
-                    field,
-                    format!("`{}` is an integer metric; got {}", m.metric, m.value),
+                    fields.value.clone(),
+                    format!("`{name}` is an integer metric; got {}", m.value),
                 ));
             }
             value = from.convert(m.value, metric.unit).unwrap_or(m.value);
+            if !value.is_finite() {
+                return Err((
+                    "non_finite_value",
+                    fields.value.clone(),
+                    format!(
+                        "{} {} is not a finite number in {}",
+                        m.value, from.name, metric.unit.name
+                    ),
+                ));
+            }
             if m.unit.as_deref().is_some_and(|u| u != metric.spec.unit) {
                 original_value = Some(m.value);
                 original_unit = m.unit.clone();
@@ -506,80 +623,77 @@ fn check(
             if let Some(min) = metric.spec.min.filter(|min| value < *min) {
                 return Err((
                     "out_of_range",
-                    field,
+                    fields.value.clone(),
                     format!(
-                        "{} is below the minimum {} of `{}`",
+                        "{} is below the minimum {} of `{name}`",
                         shown(value),
                         shown(min),
-                        m.metric
                     ),
                 ));
             }
             if let Some(max) = metric.spec.max.filter(|max| value > *max) {
                 return Err((
                     "out_of_range",
-                    field,
+                    fields.value.clone(),
                     format!(
-                        "{} is above the maximum {} of `{}`",
+                        "{} is above the maximum {} of `{name}`",
                         shown(value),
                         shown(max),
-                        m.metric
                     ),
                 ));
             }
         }
     }
-    let secs = |us: Micros| us as f64 / SECOND;
-    if m.time > e.received_at + (policy.clock_skew_secs as Micros) * 1_000_000 {
+    let ahead = m.time.saturating_sub(e.received_at);
+    if ahead > micros(policy.clock_skew_secs) {
         return Err((
             "future_event_time",
-            format!("{field}.time"),
+            fields.time.clone(),
             format!(
-                "event time is {:.0} s after it was received (clock skew tolerance {} s)",
-                secs(m.time - e.received_at),
+                "event time is {} after it was received (clock skew tolerance {} s)",
+                span(ahead),
                 policy.clock_skew_secs
             ),
         ));
     }
-    if m.time < e.received_at - (policy.max_age_secs as Micros) * 1_000_000 {
+    let age = e.received_at.saturating_sub(m.time);
+    if age > micros(policy.max_age_secs) {
         return Err((
             "too_old",
-            format!("{field}.time"),
+            fields.time.clone(),
             format!(
-                "event time is {:.0} s before it was received (maximum age {} s)",
-                secs(e.received_at - m.time),
+                "event time is {} before it was received (maximum age {} s)",
+                span(age),
                 policy.max_age_secs
             ),
         ));
     }
-    let behind = watermark.map_or(0, |w| w - m.time);
-    let late = behind > (policy.allowed_lateness_secs as Micros) * 1_000_000;
-    if late
-        && policy.late_data == LateData::Reject
-        && behind > (policy.max_lateness_secs as Micros) * 1_000_000
-    {
+    let behind = watermark.map_or(0, |w| w.saturating_sub(m.time));
+    let late = behind > micros(policy.allowed_lateness_secs);
+    if late && policy.late_data == LateData::Reject && behind > micros(policy.max_lateness_secs) {
         return Err((
             "late_event",
-            format!("{field}.time"),
+            fields.time.clone(),
             format!(
-                "event time is {:.0} s behind the partition's watermark (at most {} s accepted)",
-                secs(behind),
+                "event time is {} behind the partition's watermark (at most {} s accepted)",
+                span(behind),
                 policy.max_lateness_secs
             ),
         ));
     }
     if let Some(max_rate) = metric.and_then(|x| x.spec.max_rate_per_sec) {
-        let k = dedup::key(&e.tenant, &e.device, &m.metric);
+        let k = dedup::key(&e.tenant, &e.device, &name);
         match state.last.get(&k).copied() {
             Some((t0, v0)) if m.time > t0 => {
-                let rate = (value - v0).abs() / secs(m.time - t0);
+                // Both finite; the difference may overflow to ∞, which is above any limit.
+                let elapsed = m.time.saturating_sub(t0) as f64 / SECOND;
+                let rate = (value - v0).abs() / elapsed;
                 if rate > max_rate {
                     return Err((
                         "rate_of_change",
-                        field,
+                        fields.value.clone(),
                         format!(
-                            "changed from {v0} to {value} in {} s: {rate:.3}/s, more than the {max_rate}/s allowed",
-                            secs(m.time - t0)
+                            "changed from {v0} to {value} in {elapsed} s: {rate:.3}/s, more than the {max_rate}/s allowed"
                         ),
                     ));
                 }
@@ -591,10 +705,31 @@ fn check(
             }
         }
     }
-    Ok(Reading {
+    let instant = ReadingWindow::key(&e.tenant, &e.device, &name, m.time);
+    let clock = e.dedup_clock();
+    let mut conflict = false;
+    match state.readings.get(instant, clock) {
+        None => state.readings.record(instant, clock, value),
+        Some(first) if first.to_bits() == value.to_bits() => return Ok(Checked::Duplicate),
+        Some(first) => match policy.conflicting_readings {
+            ConflictingReadings::Reject => {
+                return Err((
+                    CONFLICTING_READING,
+                    fields.value.clone(),
+                    format!(
+                        "`{name}` at {} already has the value {first}; {value} conflicts with it",
+                        shown_time(m.time)
+                    ),
+                ));
+            }
+            ConflictingReadings::KeepFirst => return Ok(Checked::Dropped),
+            ConflictingReadings::KeepBoth => conflict = true,
+        },
+    }
+    Ok(Checked::Reading(Reading {
         tenant: e.tenant.clone(),
         device: e.device.clone(),
-        metric: m.metric,
+        metric: name,
         value,
         unit,
         original_value,
@@ -608,7 +743,14 @@ fn check(
         source_offset: 0,
         source_index: 0,
         measurement: None,
-    })
+        name: m.name,
+        conflict,
+    }))
+}
+
+/// An event time for a reason: RFC 3339 (times are in range by then).
+fn shown_time(t: Micros) -> String {
+    chrono::DateTime::from_timestamp_micros(t).map_or_else(|| format!("{t} µs"), |d| d.to_rfc3339())
 }
 
 /// The outputs of one raw record, numbered in order.
@@ -649,6 +791,9 @@ pub struct CleanseStage {
     config: CleanseConfig,
     /// Tenants' catalogs set through the API (followed from the `catalog` topic by the caller).
     overrides: Arc<CatalogOverrides>,
+    /// Records that made the stage fail, counted across its restarts.
+    attempts: Attempts,
+    faults: FaultInjection,
 }
 
 impl CleanseStage {
@@ -661,6 +806,8 @@ impl CleanseStage {
             kafka,
             config,
             overrides,
+            attempts: Attempts::default(),
+            faults: FaultInjection::from_env(),
         }
     }
 
@@ -699,13 +846,15 @@ impl CleanseStage {
         let reader: BaseConsumer = kafka
             .reader(&format!("cleanse-warmup-{partition}"))
             .create()?;
-        let since_ms = (now_micros() - horizon) / 1000;
+        let since_ms = now_micros().saturating_sub(horizon) / 1000;
         let start = kafka::offset_at_time(&reader, &topics.raw, partition, since_ms)?;
         if start >= until {
             return Ok(None);
         }
-        // Raw offset → refused measurements, from this partition's dead letters.
+        // Raw offset → refused measurements, from this partition's dead letters; records the stage
+        // gave up on were never cleansed, so they are not recalled either.
         let mut refused: HashMap<i64, u64> = HashMap::new();
+        let mut given_up: HashSet<i64> = HashSet::new();
         let q = partition % deadletter_parts;
         let from = kafka::offset_at_time(&reader, &topics.deadletter, q, since_ms)?;
         kafka::read_from(&reader, &topics.deadletter, &[(q, from)], |m| {
@@ -715,6 +864,9 @@ impl CleanseStage {
                 && d.source_partition == partition
                 && (start..until).contains(&d.source_offset)
             {
+                if d.rule == STAGE_FAILURE {
+                    given_up.insert(d.source_offset);
+                }
                 let bits = d.measurement.map_or(dedup::ALL, |i| {
                     dedup::bit(usize::try_from(i).unwrap_or(usize::MAX))
                 });
@@ -722,12 +874,20 @@ impl CleanseStage {
             }
         })?;
         let read = kafka::read_range(&reader, &topics.raw, partition, start, until, |m| {
+            if given_up.contains(&m.offset()) {
+                return;
+            }
             let was_refused = refused.get(&m.offset()).copied().unwrap_or(0);
-            cleanser.recall(
-                Position::of(m),
-                m.payload().unwrap_or_default(),
-                was_refused,
-            );
+            let recalled = containment::guard(|| {
+                cleanser.recall(
+                    Position::of(m),
+                    m.payload().unwrap_or_default(),
+                    was_refused,
+                )
+            });
+            if let Err(error) = recalled {
+                tracing::error!(partition, offset = m.offset(), %error, "a raw record failed the warm-up; state goes on without it");
+            }
         })?;
         let state = cleanser.take(partition);
         tracing::info!(
@@ -778,7 +938,7 @@ impl CleanseStage {
         let mut cleanser = Cleanser::new(&self.config)?;
         let base = self.config.catalog_base();
         let mut catalog_generation = u64::MAX;
-        let horizon = (self.config.dedup_horizon_secs as i64).saturating_mul(1_000_000);
+        let horizon = micros(self.config.dedup_horizon_secs);
         let mut warmed: HashSet<i32> = HashSet::new();
         let (mut readings, mut rejected) = (0u64, 0u64);
         loop {
@@ -839,9 +999,30 @@ impl CleanseStage {
                     }
                     warmed.insert(partition);
                 }
-                for output in
-                    cleanser.process(Position::of(&msg), msg.payload().unwrap_or_default())
-                {
+                let pos = Position::of(&msg);
+                let record = msg.payload().unwrap_or_default();
+                let outputs = match self.attempts.given_up(&topics.raw, partition, offset) {
+                    Some(error) => {
+                        tracing::error!(partition, offset, %error, "record dead-lettered after failing the stage {} times", containment::MAX_ATTEMPTS);
+                        vec![Cleanser::stage_failure(pos, record, &error)]
+                    }
+                    None => match containment::guard(|| {
+                        self.faults.check(record);
+                        cleanser.process(pos, record)
+                    }) {
+                        Ok(outputs) => outputs,
+                        Err(message) => {
+                            let id = RecordId {
+                                topic: topics.raw.clone(),
+                                partition,
+                                offset,
+                            };
+                            return Err(self.attempts.failed(STAGE, id, message).into());
+                        }
+                    },
+                };
+                self.attempts.done(&topics.raw, partition, offset);
+                for output in outputs {
                     let (topic, part, key, bytes) = match &output {
                         Output::Reading(r) => {
                             readings += 1;
@@ -919,6 +1100,7 @@ mod tests {
                 min: None,
                 max: None,
                 max_rate_per_sec: Some(10.0),
+                names: vec![],
             },
         );
         c.tenants.insert(
@@ -1118,7 +1300,11 @@ mod tests {
             refused(&out),
             ("unknown_unit".into(), "metrics.temperature.unit".into())
         );
-        assert!(dead(&out)[0].reason.contains("accepted: Cel, degF, K"));
+        assert!(
+            dead(&out)[0].reason.contains("accepted: Cel, K, degF"),
+            "{}",
+            dead(&out)[0].reason
+        );
     }
 
     #[test]
@@ -1179,10 +1365,8 @@ mod tests {
         let out = c.process(pos(1), &raw("d1", "e1", &msg("e1", T0 + 301_000_000)));
         assert_eq!(
             refused(&out),
-            (
-                "future_event_time".into(),
-                "metrics.temperature.time".into()
-            )
+            ("future_event_time".into(), "time".into()),
+            "the message's own time is at fault"
         );
         assert_eq!(
             readings(&c.process(pos(2), &raw("d1", "e2", &msg("e2", T0 + 299_000_000)))).len(),
@@ -1331,6 +1515,323 @@ mod tests {
         restarted.install(1, warm.take(1).unwrap());
         for (i, r) in records.iter().enumerate().skip(10) {
             assert_eq!(restarted.process(pos(i as i64), r), first[i], "record {i}");
+        }
+    }
+
+    fn policy_tenant(name: &str, conflicts: ConflictingReadings) -> (String, TenantCatalog) {
+        (
+            name.to_owned(),
+            TenantCatalog {
+                policy: Some(Policy {
+                    conflicting_readings: conflicts,
+                    ..Policy::default()
+                }),
+                metrics: BTreeMap::new(),
+            },
+        )
+    }
+
+    /// A second, different value for one (device, metric, event time) is the tenant's decision;
+    /// the same value again (another event id) is a duplicate reading.
+    #[test]
+    fn conflicting_readings_follow_the_tenant_policy() {
+        let mut config = config();
+        config.tenants.extend([
+            policy_tenant("first", ConflictingReadings::KeepFirst),
+            policy_tenant("both", ConflictingReadings::KeepBoth),
+        ]);
+        for tenant in ["acme", "first", "both"] {
+            let mut c = Cleanser::new(&config).unwrap();
+            let send = |c: &mut Cleanser, offset: i64, id: &str, v: f64| {
+                let body = format!(
+                    r#"{{"id":"{id}","time":"{}","metrics":{{"temperature":{v}}}}}"#,
+                    at(T0 - 1_000)
+                );
+                c.process(
+                    pos(offset),
+                    &encode(&envelope(tenant, "d1", id, &body)).unwrap(),
+                )
+            };
+            assert_eq!(readings(&send(&mut c, 1, "m1", 20.0)).len(), 1);
+            assert!(
+                send(&mut c, 2, "m2", 20.0).is_empty(),
+                "same value: a duplicate"
+            );
+            assert_eq!(c.counts.duplicate_readings, 1);
+            let out = send(&mut c, 3, "m3", 21.5);
+            match tenant {
+                "acme" => {
+                    assert_eq!(
+                        refused(&out),
+                        (CONFLICTING_READING.into(), "metrics.temperature".into())
+                    );
+                    let reason = &dead(&out)[0].reason;
+                    assert!(reason.contains("20") && reason.contains("21.5"), "{reason}");
+                }
+                "first" => assert!(out.is_empty(), "{out:?}"),
+                _ => {
+                    let r = readings(&out);
+                    assert_eq!((r.len(), r[0].conflict, r[0].value), (1, true, 21.5));
+                }
+            }
+            assert_eq!(c.counts.conflicts, 1, "{tenant}");
+            // Another instant is no conflict.
+            let body = format!(
+                r#"{{"id":"m4","time":"{}","metrics":{{"temperature":22}}}}"#,
+                at(T0 - 999)
+            );
+            let out = c.process(
+                pos(4),
+                &encode(&envelope(tenant, "d1", "m4", &body)).unwrap(),
+            );
+            assert!(!readings(&out)[0].conflict);
+        }
+    }
+
+    /// The shapes that once stopped the pipeline, and envelopes no ingest wrote.
+    #[test]
+    fn hostile_times_values_and_envelopes_are_dead_letters_naming_the_field() {
+        let mut c = cleanser();
+        let senml = |id: &str, body: &str| {
+            let mut e = envelope("acme", "d1", id, body);
+            e.content_type = "application/senml+json".into();
+            encode(&e).unwrap()
+        };
+        let cases: Vec<(Vec<u8>, &str, &str)> = vec![
+            (
+                senml("s1", r#"[{"bn":"x:","bt":-1e300,"n":"temperature","v":1}]"#),
+                "bad_time",
+                "[0].bt",
+            ),
+            (
+                senml("s2", r#"[{"n":"temperature","v":1,"t":1e300}]"#),
+                "bad_time",
+                "[0].t",
+            ),
+            (
+                raw(
+                    "d1",
+                    "j1",
+                    r#"{"time":-9223372036854775,"metrics":{"temperature":1}}"#,
+                ),
+                "bad_time",
+                "time",
+            ),
+            (
+                raw(
+                    "d1",
+                    "j2",
+                    r#"{"metrics":{"energy":{"value":1e300,"unit":"MWh"}}}"#,
+                ),
+                "non_finite_value",
+                "metrics.energy",
+            ),
+            (
+                senml("s3", r#"[{"bv":1e308,"n":"temperature","v":1e308}]"#),
+                "non_finite_value",
+                "[0].v",
+            ),
+            (
+                senml(
+                    "s4",
+                    r#"[{"n":"temperature","u":"degF","v":1},{"n":"temperature","u":"V","v":1,"t":1}]"#,
+                ),
+                "unknown_unit",
+                "[1].u",
+            ),
+        ];
+        for (i, (record, rule, field)) in cases.iter().enumerate() {
+            let out = c.process(pos(i as i64), record);
+            let d = dead(&out);
+            assert_eq!(d.len(), 1, "{out:?}");
+            assert_eq!(
+                (d[0].rule.as_str(), d[0].field.as_deref()),
+                (*rule, Some(*field))
+            );
+        }
+        for t in [i64::MIN, -1, i64::MAX] {
+            let mut e = envelope("acme", "d1", "e", r#"{"metrics":{"temperature":1}}"#);
+            e.received_at = t;
+            let out = c.process(pos(99), &encode(&e).unwrap());
+            assert_eq!(
+                refused(&out),
+                ("bad_envelope".into(), "received_at".into()),
+                "{t}"
+            );
+        }
+        // Policies at their extremes saturate instead of overflowing.
+        let mut extreme = config();
+        extreme.policy.clock_skew_secs = u64::MAX;
+        extreme.policy.max_age_secs = u64::MAX;
+        extreme.policy.allowed_lateness_secs = u64::MAX;
+        extreme.dedup_horizon_secs = u64::MAX;
+        let mut c = Cleanser::new(&extreme).unwrap();
+        let out = c.process(
+            pos(1),
+            &raw("d1", "old", r#"{"time":0,"metrics":{"temperature":1}}"#),
+        );
+        assert_eq!(readings(&out).len(), 1, "{out:?}");
+    }
+
+    #[test]
+    fn senml_names_become_distinct_metrics_and_the_catalog_aliases_them() {
+        let mut config = config();
+        config
+            .metrics
+            .get_mut("temperature")
+            .unwrap()
+            .names
+            .push("*:temp".into());
+        let mut c = Cleanser::new(&config).unwrap();
+        let mut e = envelope(
+            "acme",
+            "gw",
+            "g1",
+            r#"[{"bn":"gw:sensor1:","n":"temp","u":"degF","v":212},{"bn":"gw:sensor2:","n":"rh","v":40}]"#,
+        );
+        e.content_type = "application/senml+json".into();
+        let out = c.process(pos(1), &encode(&e).unwrap());
+        let r = readings(&out);
+        let got: Vec<(&str, Option<&str>, f64)> = r
+            .iter()
+            .map(|r| {
+                (
+                    r.metric.as_str(),
+                    r.name.as_deref(),
+                    (r.value * 1e6).round() / 1e6,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("temperature", Some("gw:sensor1:temp"), 100.0),
+                ("sensor2:rh", Some("gw:sensor2:rh"), 40.0)
+            ]
+        );
+    }
+
+    #[test]
+    fn stage_failures_name_the_record() {
+        let record = raw("d1", "p1", r#"{"metrics":{"t":1}}"#);
+        let Output::DeadLetter(d) = Cleanser::stage_failure(pos(5), &record, "boom") else {
+            panic!("a dead letter")
+        };
+        assert_eq!(
+            (
+                d.rule.as_str(),
+                d.tenant.as_str(),
+                d.event_id.as_deref(),
+                d.source_offset
+            ),
+            (STAGE_FAILURE, "acme", Some("p1"), 5)
+        );
+        assert!(
+            d.reason.contains("boom") && d.reason.contains("3 times"),
+            "{}",
+            d.reason
+        );
+        assert_eq!(d.original, br#"{"metrics":{"t":1}}"#);
+        let Output::DeadLetter(d) = Cleanser::stage_failure(pos(6), b"garbage", "boom") else {
+            panic!("a dead letter")
+        };
+        assert_eq!(
+            (d.tenant.as_str(), d.original.as_slice()),
+            ("", &b"garbage"[..])
+        );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "0",
+                    "-0.0",
+                    "5e-324",
+                    "1e308",
+                    "-1e308",
+                    "1.7976931348623157e308",
+                    "9223372036854775807",
+                    "-9223372036854775808",
+                    "268435456",
+                    "1e300",
+                    "\"NaN\"",
+                    "\"7\"",
+                    "null",
+                    "[]",
+                ])
+                .prop_map(str::to_owned),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(|f| format!("{f:?}")),
+                any::<i64>().prop_map(|i| i.to_string()),
+            ]
+        }
+
+        fn unit() -> impl Strategy<Value = String> {
+            prop::sample::select(vec![
+                "Cel", "degF", "K", "V", "mV", "MWh", "J", "kPa", "psi", "x",
+            ])
+            .prop_map(|u| format!("{u:?}"))
+        }
+
+        fn payload() -> impl Strategy<Value = (String, &'static str)> {
+            let metric =
+                prop::sample::select(vec!["temperature", "energy", "flow", "humidity", "rpm"]);
+            prop_oneof![
+                (metric.clone(), number(), unit(), number()).prop_map(|(m, v, u, t)| (
+                    format!(r#"{{"time":{t},"metrics":{{"{m}":{{"value":{v},"unit":{u}}}}}}}"#),
+                    "application/json"
+                )),
+                (metric, number(), unit(), number(), number(), number()).prop_map(
+                    |(m, v, u, bt, t, bv)| (
+                        format!(r#"[{{"bn":"d1:","bt":{bt},"bv":{bv},"n":"{m}","u":{u},"v":{v},"t":{t}}},{{"n":"{m}","s":{v}}}]"#),
+                        "application/senml+json"
+                    )
+                ),
+            ]
+        }
+
+        fn received_at() -> impl Strategy<Value = Micros> {
+            prop_oneof![
+                Just(T0),
+                Just(i64::MIN),
+                Just(i64::MAX),
+                Just(0),
+                any::<i64>()
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1500))]
+
+            /// Whatever a device sends and whatever an envelope says: no panic, readings finite,
+            /// refused measurements name their field.
+            #[test]
+            fn cleanse_never_panics_and_names_fields(
+                messages in prop::collection::vec((payload(), received_at()), 1..6),
+            ) {
+                let mut c = cleanser();
+                for (i, ((body, content_type), at)) in messages.into_iter().enumerate() {
+                    let mut e = envelope("acme", "d1", &format!("p{i}"), &body);
+                    e.content_type = content_type.into();
+                    e.received_at = at;
+                    for o in c.process(pos(i as i64), &encode(&e).unwrap()) {
+                        match o {
+                            Output::Reading(r) => prop_assert!(r.value.is_finite(), "{r:?}"),
+                            Output::DeadLetter(d) => {
+                                prop_assert!(!d.rule.is_empty() && !d.reason.is_empty());
+                                if d.measurement.is_some() {
+                                    prop_assert!(d.field.is_some(), "{d:?}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }

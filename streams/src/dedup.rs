@@ -124,6 +124,52 @@ impl DedupWindow {
     }
 }
 
+/// The value accepted per (tenant, device, metric, event time) within a horizon: what tells a
+/// conflicting reading (another value for the same instant) from a duplicate one (the same value
+/// again, under another event id). About 95 bytes per reading inside the horizon, like
+/// [`DedupWindow`], on whose bounded window it is built.
+#[derive(Debug, Clone)]
+pub struct ReadingWindow(DedupWindow);
+
+impl ReadingWindow {
+    pub fn new(horizon: Micros, max_entries: usize) -> Self {
+        Self(DedupWindow::new(horizon, max_entries))
+    }
+
+    /// The key of (tenant, device, metric, event time).
+    pub fn key(tenant: &str, device: &str, metric: &str, event_time: Micros) -> Key {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        for part in [tenant, device, metric] {
+            h.update(part.as_bytes());
+            h.update(&[0x1f]);
+        }
+        h.update(&event_time.to_le_bytes());
+        h.digest128()
+    }
+
+    /// The value accepted for `key`, if one was within the horizon at `now`.
+    pub fn get(&mut self, key: Key, now: Micros) -> Option<f64> {
+        self.0.get(key, now).map(|s| f64::from_bits(s.rejected))
+    }
+
+    /// Records the value accepted for `key` at `now`.
+    pub fn record(&mut self, key: Key, now: Micros, value: f64) {
+        self.0.record(key, now, value.to_bits());
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn approx_bytes(&self) -> usize {
+        self.0.approx_bytes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +208,18 @@ mod tests {
         );
         assert_eq!(w.len(), 1);
         assert_eq!(bit(70), bit(63));
+    }
+
+    #[test]
+    fn reading_window_keeps_values_per_instant() {
+        let mut w = ReadingWindow::new(10, 100);
+        let k = ReadingWindow::key("t", "d", "temp", 5);
+        assert_ne!(k, ReadingWindow::key("t", "d", "temp", 6));
+        assert_ne!(k, ReadingWindow::key("t", "d", "temp2", 5));
+        assert_eq!(w.get(k, 100), None);
+        w.record(k, 100, -0.5);
+        assert_eq!(w.get(k, 101), Some(-0.5));
+        assert_eq!(w.get(k, 111), None, "forgotten after the horizon");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! It must not touch: the lake, the device-facing endpoints, or the bytes of the raw topic (read only).
 
 pub mod cleanse;
+pub mod containment;
 pub mod dedup;
 
 /// Errors of the stream stages.
@@ -24,4 +25,6 @@ pub enum StreamError {
     Catalog(#[from] tributary_schemas::catalog::CatalogError),
     #[error("the consumer lost its partitions {0:?} ago and got none back")]
     Orphaned(std::time::Duration),
+    #[error(transparent)]
+    RecordFailed(#[from] containment::Failure),
 }

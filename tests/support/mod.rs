@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties};
 use rumqttc::v5::{Client, Event, MqttOptions};
 use serde_json::Value;
 
@@ -288,6 +288,40 @@ impl Stack {
                 "10",
                 "--seed",
                 seed,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.adopt(&child);
+        child
+    }
+
+    /// Starts a simulator on the seeded devices `first..first + devices` (a device sends on one
+    /// channel: simulators running at once take disjoint ranges). Summary on the child's stdout.
+    pub fn spawn_simulator_on(
+        &self,
+        via: &str,
+        first: usize,
+        devices: usize,
+        messages: u64,
+        rate: u64,
+    ) -> Child {
+        let child = self
+            .cmd(&[
+                "simulate",
+                "--via",
+                via,
+                "--first-device",
+                &first.to_string(),
+                "--devices",
+                &devices.to_string(),
+                "--messages",
+                &messages.to_string(),
+                "--rate",
+                &rate.to_string(),
+                "--seed",
+                "14",
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -622,13 +656,34 @@ pub fn try_mqtt_publish(
     topic: &str,
     payloads: &[String],
 ) -> Result<Vec<PubAckReason>, String> {
+    try_mqtt_publish_as(port, user, password, topic, payloads, None)
+}
+
+/// [`try_mqtt_publish`] with an MQTT 5 content type on every publish (e.g. SenML's).
+pub fn try_mqtt_publish_as(
+    port: u16,
+    user: &str,
+    password: &str,
+    topic: &str,
+    payloads: &[String],
+    content_type: Option<&str>,
+) -> Result<Vec<PubAckReason>, String> {
     let mut opts = MqttOptions::new(format!("test-{user}"), "127.0.0.1", port);
     opts.set_credentials(user, password);
     let (client, mut conn) = Client::new(opts, 100);
     for p in payloads {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, p.clone().into_bytes())
-            .unwrap();
+        let bytes = p.clone().into_bytes();
+        match content_type {
+            None => client.publish(topic, QoS::AtLeastOnce, false, bytes),
+            Some(ct) => {
+                let properties = PublishProperties {
+                    content_type: Some(ct.to_owned()),
+                    ..Default::default()
+                };
+                client.publish_with_properties(topic, QoS::AtLeastOnce, false, bytes, properties)
+            }
+        }
+        .unwrap();
     }
     let mut acks = Vec::new();
     for event in conn.iter() {

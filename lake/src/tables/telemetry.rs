@@ -1,8 +1,9 @@
 //! Table `telemetry`: one row per clean reading, appended, partitioned by tenant and the UTC day of
 //! its event time. Drained from topic `telemetry` (Avro `Reading`).
 //!
-//! `original_value`, `original_unit`, `late` and `measurement` came with the metric catalog: they are the last
-//! columns, nullable, so a table written before them gains them on its next commit (Delta schema
+//! `original_value`, `original_unit`, `late` and `measurement` came with the metric catalog, `name`
+//! (the resolved SenML name) and `conflict` (a second value kept for the same instant) after: they
+//! are the last columns, nullable, so a table written before them gains them on its next commit (Delta schema
 //! evolution; older files read them as null).
 
 use std::sync::{Arc, LazyLock};
@@ -49,6 +50,9 @@ impl LakeRow for Reading {
                 Field::new("original_unit", DataType::Utf8, true),
                 Field::new("late", DataType::Boolean, true),
                 Field::new("measurement", DataType::Int32, true),
+                // Added with SenML names and conflicting readings (issue 14).
+                Field::new("name", DataType::Utf8, true),
+                Field::new("conflict", DataType::Boolean, true),
             ]))
         });
         S.clone()
@@ -83,6 +87,12 @@ impl LakeRow for Reading {
                 strings(rows.iter().map(|r| r.original_unit.as_deref())),
                 Arc::new(rows.iter().map(|r| Some(r.late)).collect::<BooleanArray>()),
                 Arc::new(rows.iter().map(|r| r.measurement).collect::<Int32Array>()),
+                strings(rows.iter().map(|r| r.name.as_deref())),
+                Arc::new(
+                    rows.iter()
+                        .map(|r| Some(r.conflict))
+                        .collect::<BooleanArray>(),
+                ),
             ],
         )
     }

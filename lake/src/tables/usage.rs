@@ -67,7 +67,10 @@ impl LakeRow for UsageEvent {
             return None;
         }
         Some(UsageEvent {
-            hour: raw.received_at.div_euclid(HOUR_MICROS) * HOUR_MICROS,
+            // Saturating: a record no ingest wrote may carry any time (none panics the sink).
+            hour: raw
+                .received_at
+                .saturating_sub(raw.received_at.rem_euclid(HOUR_MICROS)),
             bytes: raw.payload.len() as i64,
             tenant: raw.tenant,
             device: raw.device,
