@@ -381,7 +381,12 @@ fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Payloa
     let id = string_field(&obj, "id")?;
     let device = string_field(&obj, "device")?;
     let (time, time_field) = match obj.get("time") {
-        None | Some(Value::Null) => (received_at, "time".to_owned()),
+        None | Some(Value::Null) => (
+            in_range(received_at, "time", || {
+                format!("the receipt time {received_at} µs")
+            })?,
+            "time".to_owned(),
+        ),
         Some(t) => (parse_time(t, "time")?, "time".to_owned()),
     };
     let metrics = match obj.get("metrics") {
