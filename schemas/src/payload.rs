@@ -313,6 +313,8 @@ pub struct Measurement {
     pub value: f64,
     pub unit: Option<String>,
     pub time: Micros,
+    /// Whether the device said the time (else it is the time ingest received the message).
+    pub device_time: bool,
     pub fields: Fields,
 }
 
@@ -380,6 +382,7 @@ fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Payloa
     };
     let id = string_field(&obj, "id")?;
     let device = string_field(&obj, "device")?;
+    let message_time = !matches!(obj.get("time"), None | Some(Value::Null));
     let (time, time_field) = match obj.get("time") {
         None | Some(Value::Null) => (
             in_range(received_at, "time", || {
@@ -426,6 +429,7 @@ fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Payloa
                 unit: format!("{field}.unit"),
                 time: time_field.clone(),
             };
+            let mut device_time = message_time;
             let (raw_value, unit, time) = match v {
                 Value::Object(o) => {
                     let unit = match o.get("unit") {
@@ -443,6 +447,7 @@ fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Payloa
                         None | Some(Value::Null) => time,
                         Some(t) => {
                             fields.time = format!("{field}.time");
+                            device_time = true;
                             parse_time(t, &fields.time)?
                         }
                     };
@@ -463,6 +468,7 @@ fn parse_json(bytes: &[u8], received_at: Micros) -> Result<ParsedMessage, Payloa
                 value: numeric(raw_value, &field)?,
                 unit,
                 time,
+                device_time,
                 fields,
             })
         })
@@ -643,7 +649,8 @@ fn senml_time(seconds: f64, received_at: Micros, field: &str) -> Result<Micros, 
         if !(EARLIEST_EVENT_TIME as f64..=LATEST_EVENT_TIME as f64).contains(&micros) {
             return Err(out_of_range_time(field, format!("{seconds} s")));
         }
-        Ok(micros.round() as i64)
+        // The bounds are not exact as floats: check again after the (now unsaturated) cast.
+        in_range(micros.round() as i64, field, || format!("{seconds} s"))
     }
 }
 
@@ -935,6 +942,7 @@ fn senml_measurement(
         value,
         unit,
         time,
+        device_time: rec.contains_key("t") || base.time_at.is_some(),
         fields: Fields {
             value: value_field,
             unit: unit_field,

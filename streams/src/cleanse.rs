@@ -705,26 +705,30 @@ fn check(
             }
         }
     }
-    let instant = ReadingWindow::key(&e.tenant, &e.device, &name, m.time);
-    let clock = e.dedup_clock();
+    // Only a time the device said can conflict: readings stamped with the receipt time (one
+    // request's messages share it) are the device's distinct readings, whatever their values.
     let mut conflict = false;
-    match state.readings.get(instant, clock) {
-        None => state.readings.record(instant, clock, value),
-        Some(first) if first.to_bits() == value.to_bits() => return Ok(Checked::Duplicate),
-        Some(first) => match policy.conflicting_readings {
-            ConflictingReadings::Reject => {
-                return Err((
-                    CONFLICTING_READING,
-                    fields.value.clone(),
-                    format!(
-                        "`{name}` at {} already has the value {first}; {value} conflicts with it",
-                        shown_time(m.time)
-                    ),
-                ));
-            }
-            ConflictingReadings::KeepFirst => return Ok(Checked::Dropped),
-            ConflictingReadings::KeepBoth => conflict = true,
-        },
+    if m.device_time {
+        let instant = ReadingWindow::key(&e.tenant, &e.device, &name, m.time);
+        let clock = e.dedup_clock();
+        match state.readings.get(instant, clock) {
+            None => state.readings.record(instant, clock, value),
+            Some(first) if first.to_bits() == value.to_bits() => return Ok(Checked::Duplicate),
+            Some(first) => match policy.conflicting_readings {
+                ConflictingReadings::Reject => {
+                    return Err((
+                        CONFLICTING_READING,
+                        fields.value.clone(),
+                        format!(
+                            "`{name}` at {} already has the value {first}; {value} conflicts with it",
+                            shown_time(m.time)
+                        ),
+                    ));
+                }
+                ConflictingReadings::KeepFirst => return Ok(Checked::Dropped),
+                ConflictingReadings::KeepBoth => conflict = true,
+            },
+        }
     }
     Ok(Checked::Reading(Reading {
         tenant: e.tenant.clone(),
@@ -1585,6 +1589,17 @@ mod tests {
                 &encode(&envelope(tenant, "d1", "m4", &body)).unwrap(),
             );
             assert!(!readings(&out)[0].conflict);
+            // Messages without a time take the receipt time, which one request's messages share:
+            // distinct readings of the device, never conflicts.
+            for (offset, v) in [(5, 1.0), (6, 2.0)] {
+                let body = format!(r#"{{"metrics":{{"humidity":{v}}}}}"#);
+                let id = format!("u{offset}");
+                let out = c.process(
+                    pos(offset),
+                    &encode(&envelope(tenant, "d1", &id, &body)).unwrap(),
+                );
+                assert_eq!(readings(&out).len(), 1, "{out:?}");
+            }
         }
     }
 
