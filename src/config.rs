@@ -64,7 +64,14 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// Environment variables that are not config keys.
-const NOT_KEYS: [&str; 4] = ["config", "log", "sql_server", "sql_token"];
+const NOT_KEYS: [&str; 5] = [
+    "config",
+    "log",
+    "sql_server",
+    "sql_token",
+    // `TRIBUTARY_FAULT_INJECT_PANIC`: streams::containment::FaultInjection, for tests.
+    "fault_inject_panic",
+];
 
 impl Config {
     /// Defaults, then the file (if given, or `./tributary.toml` if present), then the environment.

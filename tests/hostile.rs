@@ -128,7 +128,12 @@ fn hostile_input_never_stops_the_pipeline_and_stores_agree() {
     };
     let ((a, a_token), (b, b_token), (c, c_token)) = (device(0), device(1), device(2));
     let telemetry = format!("http://127.0.0.1:{}/v1/telemetry", stack.http_port);
+    // Each message alone in its Kafka record batch: Tansu 0.6 (memory engine) serves a fetch
+    // from the middle of a batch from the next batch on, so a stage restarted at an offset inside
+    // a batch never sees that batch's later records (ARCHITECTURE.md, Tansu notes).
+    let apart = || std::thread::sleep(Duration::from_millis(300));
     let publish = |user: &str, token: &str, content_type: &str, body: &str| {
+        apart();
         let ct = (content_type == SENML).then_some(SENML);
         let acks = try_mqtt_publish_as(
             stack.mqtt_port,
@@ -182,6 +187,7 @@ fn hostile_input_never_stops_the_pipeline_and_stores_agree() {
         JSON,
         &format!(r#"{{"id":"{MARKER}-mqtt","metrics":{{"temperature":1}}}}"#),
     );
+    apart();
     let (status, answer) = post(
         &telemetry,
         &c_token,
@@ -200,6 +206,7 @@ fn hostile_input_never_stops_the_pipeline_and_stores_agree() {
     .to_string();
     publish(&a, &a_token, JSON, &big);
     for (token, id, k) in [(&b_token, "b-after", 3), (&c_token, "c-after", 4)] {
+        apart();
         let (status, answer) = post(&telemetry, token, JSON, &ordinary(id, k, 22.0));
         assert_eq!(status, 202, "{answer}");
     }
@@ -218,9 +225,11 @@ fn hostile_input_never_stops_the_pipeline_and_stores_agree() {
         "{}",
         stack.logs()
     );
-    wait_until("every dead letter", Duration::from_secs(180), || {
-        stack.count("deadletter") >= 7
-    });
+    // Waits up to 3 minutes, then lets the comparison below say what is missing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while stack.count("deadletter") < 7 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let dead = stack.sql(
         "SELECT device, rule, field, reason, event_id FROM deadletter ORDER BY device, rule, field",
     );
@@ -247,7 +256,7 @@ fn hostile_input_never_stops_the_pipeline_and_stores_agree() {
     .iter()
     .map(|(d, r, f)| ((*d).to_owned(), (*r).to_owned(), (*f).to_owned()))
     .collect();
-    assert_eq!(got, want, "{dead:#?}");
+    assert_eq!(got, want, "{dead:#?}\n{}", stack.log("pipeline"));
     for d in dead.iter().filter(|d| d["rule"] == "stage_failure") {
         let reason = d["reason"].as_str().unwrap_or_default();
         assert!(

@@ -572,6 +572,17 @@ fn json_kind(v: &Value) -> String {
     }
 }
 
+/// A number for a reason: as written when short, else in scientific notation (`-1e300`).
+/// (Used by the cleanse stage's reasons too.)
+pub fn shown_f64(v: f64) -> String {
+    let plain = v.to_string();
+    if plain.len() <= 24 {
+        plain
+    } else {
+        format!("{v:e}")
+    }
+}
+
 /// An event time in range, or `bad_time` naming `field`.
 fn in_range(
     t: Micros,
@@ -636,21 +647,33 @@ const SENML_RELATIVE_BELOW: f64 = 268_435_456.0;
 /// A SenML time (base time + time, seconds) in microseconds, or why it cannot be one.
 fn senml_time(seconds: f64, received_at: Micros, field: &str) -> Result<Micros, PayloadError> {
     if !seconds.is_finite() {
-        return Err(out_of_range_time(field, format!("{seconds} s")));
+        return Err(out_of_range_time(
+            field,
+            format!("{} s", shown_f64(seconds)),
+        ));
     }
     if seconds.abs() < SENML_RELATIVE_BELOW {
         // |seconds × 10⁶| < 2.7 × 10¹⁴: the cast is exact enough and cannot saturate.
         let t = received_at.checked_add((seconds * 1e6).round() as i64);
-        let t = t.ok_or_else(|| out_of_range_time(field, format!("{seconds} s after receipt")))?;
-        in_range(t, field, || format!("{seconds} s after receipt"))
+        let t = t.ok_or_else(|| {
+            out_of_range_time(field, format!("{} s after receipt", shown_f64(seconds)))
+        })?;
+        in_range(t, field, || {
+            format!("{} s after receipt", shown_f64(seconds))
+        })
     } else {
         let micros = seconds * 1e6;
         // Compare as floats first: an `as` cast would saturate a huge value into range's edge.
         if !(EARLIEST_EVENT_TIME as f64..=LATEST_EVENT_TIME as f64).contains(&micros) {
-            return Err(out_of_range_time(field, format!("{seconds} s")));
+            return Err(out_of_range_time(
+                field,
+                format!("{} s", shown_f64(seconds)),
+            ));
         }
         // The bounds are not exact as floats: check again after the (now unsaturated) cast.
-        in_range(micros.round() as i64, field, || format!("{seconds} s"))
+        in_range(micros.round() as i64, field, || {
+            format!("{} s", shown_f64(seconds))
+        })
     }
 }
 

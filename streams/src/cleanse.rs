@@ -610,7 +610,9 @@ fn check(
                     fields.value.clone(),
                     format!(
                         "{} {} is not a finite number in {}",
-                        m.value, from.name, metric.unit.name
+                        payload::shown_f64(m.value),
+                        from.name,
+                        metric.unit.name
                     ),
                 ));
             }
@@ -1070,6 +1072,7 @@ impl CleanseStage {
                 }
                 tracing::debug!(
                     records = count,
+                    offsets = ?next_offsets,
                     readings,
                     rejected,
                     duplicates = cleanser.counts.duplicates,

@@ -334,7 +334,11 @@ impl Stack {
     pub fn wait_http(&self) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while std::net::TcpStream::connect(("127.0.0.1", self.http_port)).is_err() {
-            assert!(Instant::now() < deadline, "http ingest did not start");
+            assert!(
+                Instant::now() < deadline,
+                "http ingest did not start: {}",
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
