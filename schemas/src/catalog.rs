@@ -352,10 +352,10 @@ impl Rules {
             return (m, Some(spec));
         }
         for (pattern, target) in &self.aliases {
-            if glob(pattern, metric) || name.is_some_and(|n| glob(pattern, n)) {
-                if let Some((m, spec)) = self.metrics.get_key_value(target) {
-                    return (m, Some(spec));
-                }
+            if (glob(pattern, metric) || name.is_some_and(|n| glob(pattern, n)))
+                && let Some((m, spec)) = self.metrics.get_key_value(target)
+            {
+                return (m, Some(spec));
             }
         }
         (metric, None)
