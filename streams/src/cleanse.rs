@@ -376,7 +376,7 @@ impl Cleanser {
             tracing::debug!(device = %e.device, event_id = %e.event_id, "duplicate dropped");
             return out.out;
         }
-        let refused_now = self.cleanse(&mut out, e, Redo { indexes, mask });
+        let refused_now = self.cleanse(&mut out, e, Redo { indexes, mask }, refused);
         // What was really refused (warm-up knows it from the dead letters written then).
         let refused_now = refused.unwrap_or(refused_now);
         let still_refused = seen.map_or(0, |s| s.rejected & !mask) | refused_now;
@@ -395,7 +395,15 @@ impl Cleanser {
     }
 
     /// Cleanses the measurements of `e` that `redo` selects; returns the refused ones' bits.
-    fn cleanse(&mut self, out: &mut Outputs<'_>, e: &RawEnvelope, redo: Redo<'_>) -> u64 {
+    /// `refused_then` (warm-up): what was refused when the record was first cleansed; those
+    /// measurements leave the state alone now too (whatever today's catalog would say).
+    fn cleanse(
+        &mut self,
+        out: &mut Outputs<'_>,
+        e: &RawEnvelope,
+        redo: Redo<'_>,
+        refused_then: Option<u64>,
+    ) -> u64 {
         let base = |rule: &'static str, field: Option<String>, reason: String| Rejection {
             measurement: None,
             tenant: &e.tenant,
@@ -451,6 +459,10 @@ impl Cleanser {
         let mut refused = 0u64;
         for (index, m) in message.measurements.into_iter().enumerate() {
             if !redo.selects(index) {
+                continue;
+            }
+            if refused_then.is_some_and(|r| r & dedup::bit(index) != 0) {
+                refused |= dedup::bit(index);
                 continue;
             }
             let m = match m {
