@@ -270,16 +270,21 @@ impl Stack {
             .push(child.id());
     }
 
-    /// Starts the simulator in the background: `messages` messages from 20 devices at `rate` msg/s,
-    /// in HTTP batches of 10. Its JSON summary is on the child's stdout.
+    /// Starts the simulator in the background: `messages` messages at `rate` msg/s, in HTTP batches
+    /// of 10, from 10 of the 20 seeded devices: 0..10 over MQTT, 10..20 over HTTP (a device sends
+    /// on one channel; the same device on both at once makes conflicting readings). Its JSON
+    /// summary is on the child's stdout.
     pub fn spawn_simulator(&self, via: &str, messages: u64, rate: u64, seed: &str) -> Child {
+        let first = if via == "mqtt" { "0" } else { "10" };
         let child = self
             .cmd(&[
                 "simulate",
                 "--via",
                 via,
+                "--first-device",
+                first,
                 "--devices",
-                "20",
+                "10",
                 "--messages",
                 &messages.to_string(),
                 "--rate",
