@@ -57,6 +57,9 @@ fn records(messages: usize, devices: usize) -> Vec<Vec<u8>> {
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         };
         out.push(encode(&envelope).expect("encodes"));
     }

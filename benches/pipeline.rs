@@ -240,6 +240,9 @@ async fn bare_producer(kafka_port: u16, n: u64) -> f64 {
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         };
         let bytes = avro::encode(&envelope).expect("encode");
         loop {

@@ -99,6 +99,9 @@ fn reading(i: u64, o: &Options) -> Reading {
         measurement: Some(0),
         name: None,
         conflict: false,
+        device_group: None,
+        device_model: None,
+        site: Vec::new(),
     }
 }
 

@@ -92,6 +92,9 @@ fn reading(i: u64, devices: u64, start: i64) -> Reading {
         measurement: Some(0),
         name: None,
         conflict: false,
+        device_group: None,
+        device_model: None,
+        site: Vec::new(),
     }
 }
 

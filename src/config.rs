@@ -14,6 +14,7 @@ use tributary_lake::timeseries_sink::TimeSeriesConfig;
 use tributary_query::QueryConfig;
 use tributary_registry::RegistryConfig;
 use tributary_schemas::kafka::KafkaConfig;
+use tributary_streams::anomaly::AnomalyConfig;
 use tributary_streams::cleanse::CleanseConfig;
 
 /// `[simulator]`: where the device simulator and the `tributary devices` CLI find the HTTP API,
@@ -45,6 +46,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub registry: RegistryConfig,
     pub cleanse: CleanseConfig,
+    pub anomalies: AnomalyConfig,
     pub lake: LakeConfig,
     pub timeseries: TimeSeriesConfig,
     pub query: QueryConfig,
@@ -133,6 +135,11 @@ impl Config {
             ("kafka.topics.deadletter", &self.kafka.topics.deadletter),
             ("kafka.topics.registry", &self.kafka.topics.registry),
             ("kafka.topics.catalog", &self.kafka.topics.catalog),
+            ("kafka.topics.anomalies", &self.kafka.topics.anomalies),
+            (
+                "kafka.topics.anomaly_state",
+                &self.kafka.topics.anomaly_state,
+            ),
         ] {
             if name.is_empty()
                 || !name
@@ -200,6 +207,15 @@ impl Config {
                 format_args!("cleanse.{}", e.key),
                 e.reason
             )));
+        }
+        if let Err(e) = self.anomalies.catalog(self.cleanse.metric_names().as_ref()) {
+            return Err(ConfigError(format!(
+                "`anomalies.detectors.{}.{}`: {}",
+                e.detector, e.field, e.reason
+            )));
+        }
+        if self.anomalies.batch_size == 0 {
+            return bad("anomalies.batch_size", &0, "must be at least 1");
         }
         if self.lake.flush_rows == 0 {
             return bad("lake.flush_rows", &0, "must be at least 1");

@@ -6,6 +6,7 @@
 //! ([`maintenance`]). Stage logic lives in the crates; nothing here touches a payload.
 
 mod admin;
+mod backtest;
 mod config;
 mod deadletters;
 mod devices;
@@ -92,6 +93,18 @@ enum Command {
     Optimize(maintenance::OptimizeArgs),
     /// Delete files a lake table no longer refers to (after compactions and erasures).
     Vacuum(maintenance::VacuumArgs),
+    /// Anomaly detection: try a detector catalog on history before it pages anyone.
+    Anomalies {
+        #[command(subcommand)]
+        command: AnomaliesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AnomaliesCommand {
+    /// Run a detector catalog over readings of the `telemetry` table (or a CSV/Parquet file)
+    /// with the live stage's code, and print what would have fired.
+    Backtest(backtest::BacktestArgs),
 }
 
 #[derive(Subcommand)]
@@ -239,6 +252,9 @@ fn main() -> anyhow::Result<()> {
             Command::Rebuild(args) => rebuild::run(&config, args).await,
             Command::Optimize(args) => maintenance::optimize(&config, args).await,
             Command::Vacuum(args) => maintenance::vacuum(&config, args).await,
+            Command::Anomalies {
+                command: AnomaliesCommand::Backtest(args),
+            } => backtest::run(&config, args).await,
         }
     })
 }

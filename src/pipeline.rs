@@ -40,10 +40,12 @@ use tributary_registry::catalog::CatalogWriter;
 use tributary_registry::follower;
 use tributary_registry::self_registration::SelfRegistration;
 use tributary_registry::writer::RegistryWriter;
+use tributary_schemas::avro::Anomaly;
 use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::StreamError;
+use tributary_streams::anomaly::AnomalyStage;
 use tributary_streams::cleanse::CleanseStage;
 
 use crate::config::Config;
@@ -59,7 +61,10 @@ pub enum Stage {
     Mqtt,
     /// Cleanse: raw → telemetry + deadletter.
     Cleanse,
-    /// Delta sinks: telemetry, deadletter, registry (→ `devices`) and raw (→ `usage`) → Delta tables.
+    /// Anomaly detection: telemetry → anomalies (the `[anomalies]` detector catalog).
+    Anomalies,
+    /// Delta sinks: telemetry, deadletter, anomalies, registry (→ `devices`) and raw (→ `usage`)
+    /// → Delta tables.
     Lake,
     /// Time-series sink: telemetry → an InfluxDB-2-compatible write API (`[timeseries]`).
     Timeseries,
@@ -186,6 +191,27 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             async move { Ok(cleanse.run().await?) }
         });
     }
+    if stage.includes(Stage::Anomalies) {
+        let catalog = config
+            .anomalies
+            .catalog(config.cleanse.metric_names().as_ref())
+            .context("the detector catalog")?;
+        if catalog.is_empty() && !stage.0.contains(&Stage::Anomalies) {
+            tracing::info!(
+                "no detectors configured (`[anomalies.detectors]`): the anomaly stage is not started"
+            );
+        } else {
+            let anomalies = Arc::new(AnomalyStage::new(
+                config.kafka.clone(),
+                config.anomalies.clone(),
+                catalog,
+            ));
+            supervise(&mut tasks, "anomalies", move || {
+                let anomalies = anomalies.clone();
+                async move { Ok(anomalies.run().await?) }
+            });
+        }
+    }
     if stage.includes(Stage::Query) {
         spawn_query(&mut tasks, &config, stage.0.contains(&Stage::Query))?;
     }
@@ -193,6 +219,7 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
         let topics = &config.kafka.topics;
         spawn_sink::<Reading>(&mut tasks, &config, &topics.telemetry, "lake-telemetry");
         spawn_sink::<DeadLetter>(&mut tasks, &config, &topics.deadletter, "lake-deadletter");
+        spawn_sink::<Anomaly>(&mut tasks, &config, &topics.anomalies, "lake-anomalies");
         spawn_sink::<DeviceState>(&mut tasks, &config, &topics.registry, "lake-devices");
         spawn_sink::<UsageEvent>(&mut tasks, &config, &topics.raw, "lake-usage");
     }

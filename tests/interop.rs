@@ -25,7 +25,15 @@ fn python() -> PathBuf {
 
 #[test]
 fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
-    let stack = Stack::start(20, &[]);
+    let mut stack = Stack::start(20, &[]);
+    // A detector the simulator's temperatures cross now and then, so `anomalies` has rows too.
+    let config = stack.path().join("tributary.toml");
+    std::fs::write(
+        &config,
+        "[anomalies.detectors.warm]\nmetric = \"temperature\"\nkind = \"threshold\"\nabove = 20.0\nclear_for_secs = 0\n",
+    )
+    .unwrap();
+    stack.set_env("TRIBUTARY_CONFIG", &config.display().to_string());
     let mut pipeline = stack.spawn_pipeline(0);
     let (status, body) = request(
         "POST",
@@ -48,6 +56,9 @@ fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
     stack.assert_usage_matches_raw(Duration::from_secs(30));
     wait_until("every device in `devices`", Duration::from_secs(30), || {
         stack.count("devices") == 21
+    });
+    wait_until("anomalies in `anomalies`", Duration::from_secs(30), || {
+        stack.count("anomalies") > 0
     });
     kill(&mut pipeline);
     // Files written by a compaction (Z-ordered) read the same too.

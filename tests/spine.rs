@@ -87,9 +87,9 @@ fn devices_to_sql_end_to_end() {
     // MQTT user unknown to the registry.
     // The probe's readings are two days old (within the catalog's maximum age), in their own day.
     let probe_day = (chrono::Utc::now() - chrono::Duration::days(2)).date_naive();
-    let probe_time = format!("{probe_day}T10:00:00Z");
+    // Ten seconds apart: one device's readings of one metric at one time would conflict.
     let probe: String = (1..=10)
-        .map(|i| json!({"id": format!("probe-{i}"), "time": probe_time, "metrics": {"probe": {"value": i as f64 * 1.5, "unit": "V"}}}).to_string() + "\n")
+        .map(|i| json!({"id": format!("probe-{i}"), "time": format!("{probe_day}T10:00:{i:02}Z"), "metrics": {"probe": {"value": i as f64 * 1.5, "unit": "V"}}}).to_string() + "\n")
         .collect();
     let (s, b) = post(&url, &token(2), "application/x-ndjson", &probe);
     assert_eq!((s, b["accepted"].as_u64()), (202, Some(10)), "{b}");

@@ -51,6 +51,9 @@ fn readings(tenant: &str, devices: &[&str], per_device: usize, first: usize) -> 
                 measurement: Some(0),
                 name: None,
                 conflict: false,
+                device_group: None,
+                device_model: None,
+                site: Vec::new(),
             });
         }
     }

@@ -12,6 +12,8 @@ DEMO_RATE=${DEMO_RATE:-500}
 export STACK_DIR=./data/local
 # Durable broker storage: the raw log (the source of truth) outlives a run, as the lake does.
 export KAFKA_STORAGE=${KAFKA_STORAGE:-sqlite://tansu.db}
+# The defaults, plus a few detectors (deploy/local/demo.toml) so there are anomalies to show.
+export TRIBUTARY_CONFIG=${TRIBUTARY_CONFIG:-deploy/local/demo.toml}
 
 deploy/local/install.sh
 cargo build --locked --bin tributary
@@ -76,6 +78,8 @@ echo "What landed in the lake (./data/lake):"
 "$bin" sql "SELECT rule, count(*) AS dead_letters, min(reason) AS example FROM deadletter GROUP BY rule ORDER BY rule"
 echo "The latest dead letters, each with its rule, field and reason (tributary deadletter list):"
 "$bin" deadletter list --limit 5
+echo "Anomalies the detectors of deploy/local/demo.toml found (topic and table \`anomalies\`):"
+"$bin" sql "SELECT detector, kind, severity, count(DISTINCT anomaly_id) AS anomalies, count(DISTINCT device) AS devices, min(message) AS example FROM anomalies WHERE state = 'open' GROUP BY 1, 2, 3 ORDER BY 1" 2>/dev/null || echo "  (none yet)"
 echo "Usage metered from the raw log, and the device registry as a table:"
 "$bin" sql "SELECT u.tenant, count(DISTINCT u.device) AS devices, sum(u.events) AS events, sum(u.bytes) AS bytes FROM usage u GROUP BY u.tenant ORDER BY u.tenant"
 "$bin" sql "SELECT tenant, model, count(*) AS devices FROM devices GROUP BY tenant, model ORDER BY tenant"

@@ -32,10 +32,12 @@ fi
 # From PyPI, in a venv beside the cargo target directory: the interop check reads the lake with
 # other engines' readers (delta-rs's Python bindings, polars); moto's server is the S3-compatible
 # store of the s3:// tests (it honours If-None-Match, which Delta commits on S3 rely on); DuckDB is
-# the baseline of the query bench.
+# the baseline of the query bench; confluent-kafka + fastavro are what an alerting consumer
+# outside the process uses (docs/examples/anomaly_consumer.py, run by tests/anomalies.rs).
 VENV=${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}
-PY_PACKAGES=(deltalake==1.6.6 polars==2.1.0 pyarrow==26.0.1 "moto[server]==5.2.5" duckdb==2.0.1)
-if ! "$VENV/bin/python" -c 'import deltalake, polars, pyarrow, moto.server, duckdb' >/dev/null 2>&1; then
+PY_PACKAGES=(deltalake==1.6.6 polars==2.1.0 pyarrow==26.0.1 "moto[server]==5.2.5" duckdb==2.0.1
+  confluent-kafka==2.16.1 fastavro==1.13.1)
+if ! "$VENV/bin/python" -c 'import deltalake, polars, pyarrow, moto.server, duckdb, confluent_kafka, fastavro' >/dev/null 2>&1; then
   echo "installing ${PY_PACKAGES[*]} into $VENV"
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${PY_PACKAGES[@]}"

@@ -350,6 +350,9 @@ async fn telemetry(
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: device.group.clone(),
+            device_model: device.model.clone(),
+            site: device.site.clone(),
         })
         .collect();
     let produce = async {

@@ -180,6 +180,9 @@ impl MqttBridge {
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: known.as_ref().and_then(|d| d.group.clone()),
+            device_model: known.as_ref().and_then(|d| d.model.clone()),
+            site: known.as_ref().map(|d| d.site.clone()).unwrap_or_default(),
         }
     }
 

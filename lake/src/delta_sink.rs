@@ -26,12 +26,13 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tributary_schemas::avro::{TopicRecord, decode};
-use tributary_schemas::kafka::{KafkaConfig, PartitionChange, REJOIN_TIMEOUT, RecordingContext};
+use tributary_schemas::kafka::{KafkaConfig, RecordingContext};
 use tributary_schemas::{DeadLetter, now_micros};
+use tributary_streams::runtime::{self, StageConsumer};
 
 use crate::maintenance::{self, Compaction};
 use crate::tables::{LakeRow, TableWrite};
-use crate::{LakeConfig, LakeError, rewind, send_dead_letter};
+use crate::{LakeConfig, LakeError, rewind};
 
 /// Packs a source position into one `txn` version: offset × 2¹⁶ + index.
 pub fn source_seq(offset: i64, index: i32) -> i64 {
@@ -92,21 +93,24 @@ async fn write<R: LakeRow>(
     if let Some(when) = spec.delete_when {
         merge = merge.when_matched_delete(|d| d.predicate(when))?;
     }
-    merge = merge.when_matched_update(|mut u| {
-        match spec.update {
-            Some(sets) => {
-                for (column, value) in sets {
-                    u = u.update(*column, *value);
+    // `update: Some(&[])`: a matched row stays as it is (insert-if-absent).
+    if spec.update.is_none_or(|sets| !sets.is_empty()) {
+        merge = merge.when_matched_update(|mut u| {
+            match spec.update {
+                Some(sets) => {
+                    for (column, value) in sets {
+                        u = u.update(*column, *value);
+                    }
+                }
+                None => {
+                    for c in &columns {
+                        u = u.update(c.as_str(), format!("source.{c}"));
+                    }
                 }
             }
-            None => {
-                for c in &columns {
-                    u = u.update(c.as_str(), format!("source.{c}"));
-                }
-            }
-        }
-        u
-    })?;
+            u
+        })?;
+    }
     merge = merge.when_not_matched_insert(|mut i| {
         for c in &columns {
             i = i.set(c.as_str(), format!("source.{c}"));
@@ -228,11 +232,8 @@ impl<R: LakeRow> DeltaSink<R> {
 
     /// Runs until the task is cancelled or a non-retryable error.
     pub async fn run(&self) -> Result<(), LakeError> {
-        let context = RecordingContext::default();
-        let consumer: StreamConsumer<RecordingContext> = self
-            .kafka
-            .consumer(&self.stage())
-            .create_with_context(context.clone())?;
+        let input = StageConsumer::new(&self.kafka, &self.stage(), &self.topic)?;
+        let consumer = input.consumer();
         let producer: FutureProducer = self
             .kafka
             .producer(&format!("tributary-{}", self.stage()))
@@ -240,8 +241,8 @@ impl<R: LakeRow> DeltaSink<R> {
         let mut table = open_table(&self.lake, &self.table).await?;
         check_schema::<R>(&table, &self.table)?;
         let properties = self.lake.table_properties();
-        self.align_group_offsets(&consumer, &table).await?;
-        consumer.subscribe(&[&self.topic])?;
+        self.align_group_offsets(consumer, &table).await?;
+        input.subscribe()?;
         tracing::info!(topic = %self.topic, table = %self.table, version = ?table.version(), "delta sink started");
 
         let mut parts: HashMap<i32, PartitionState> = HashMap::new();
@@ -259,36 +260,27 @@ impl<R: LakeRow> DeltaSink<R> {
                 Some(t) => flush_interval.saturating_sub(t.elapsed()),
                 None => flush_interval,
             };
-            let received =
-                tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()).await;
-            for change in context.drain() {
-                match change {
-                    PartitionChange::Revoked(ps) => {
-                        for (_, p) in ps {
-                            parts.remove(&p);
-                            let kept: Vec<(i32, R)> = row_parts
-                                .drain(..)
-                                .zip(rows.drain(..))
-                                .filter(|(rp, _)| *rp != p)
-                                .collect();
-                            (row_parts, rows) = kept.into_iter().unzip();
-                        }
-                        touched_sources.clear();
-                        sources.clear();
-                        if rows.is_empty() {
-                            oldest = None;
-                        }
-                    }
-                    PartitionChange::Assigned(ps) => {
-                        for (_, p) in ps {
-                            parts.insert(p, PartitionState::default());
-                        }
-                        sources.clear();
-                    }
+            let polled = input.poll(wait).await;
+            for p in polled.revoked {
+                parts.remove(&p);
+                let kept: Vec<(i32, R)> = row_parts
+                    .drain(..)
+                    .zip(rows.drain(..))
+                    .filter(|(rp, _)| *rp != p)
+                    .collect();
+                (row_parts, rows) = kept.into_iter().unzip();
+                touched_sources.clear();
+                sources.clear();
+                if rows.is_empty() {
+                    oldest = None;
                 }
             }
-            match received {
-                Ok(Ok(msg)) => {
+            for p in polled.assigned {
+                parts.insert(p, PartitionState::default());
+                sources.clear();
+            }
+            match polled.record {
+                Some(msg) => {
                     let p = msg.partition();
                     let offset = msg.offset();
                     let state = parts.entry(p).or_default();
@@ -359,13 +351,10 @@ impl<R: LakeRow> DeltaSink<R> {
                     row_parts.push(p);
                     oldest.get_or_insert_with(Instant::now);
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "consume error"),
-                Err(_) => {
-                    if let Some(d) = context.orphaned_for().filter(|d| *d > REJOIN_TIMEOUT)
-                        && rows.is_empty()
-                    {
+                None => {
+                    if rows.is_empty() {
                         // The supervisor starts this sink again with a new consumer.
-                        return Err(LakeError::Orphaned(d));
+                        input.check_orphaned()?;
                     }
                 }
             }
@@ -430,7 +419,7 @@ impl<R: LakeRow> DeltaSink<R> {
                     for (p, s) in parts.iter_mut() {
                         let stored = txn_version(&table, &self.partition_app_id(*p)).await?;
                         if let Some(target) = stored.or(s.first) {
-                            rewind(&consumer, &self.topic, *p, target)?;
+                            rewind(consumer, &self.topic, *p, target)?;
                         }
                         *s = PartitionState::default();
                     }
@@ -495,7 +484,7 @@ impl<R: LakeRow> DeltaSink<R> {
             original: bytes.to_vec(),
             measurement: None,
         };
-        send_dead_letter(producer, &self.kafka.topics.deadletter, &dl).await
+        Ok(runtime::send_dead_letter(producer, &self.kafka.topics.deadletter, None, &dl).await?)
     }
 }
 
@@ -602,6 +591,9 @@ mod tests {
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         })
         .expect("device traffic is metered")
     }
@@ -695,6 +687,9 @@ mod tests {
             measurement: Some(0),
             name: None,
             conflict: false,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         }
     }
 

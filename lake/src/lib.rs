@@ -44,8 +44,8 @@ pub enum LakeError {
     IncompatibleSchema { table: String, reason: String },
     #[error("time-series store: {0}")]
     TimeSeries(#[from] timeseries_sink::TimeSeriesError),
-    #[error("the consumer lost its partitions {0:?} ago and got none back")]
-    Orphaned(std::time::Duration),
+    #[error(transparent)]
+    Stream(#[from] tributary_streams::StreamError),
 }
 
 /// `[lake]` in the config file.
@@ -174,24 +174,6 @@ impl LakeConfig {
             .map(|u| u.scheme() == "file")
             .unwrap_or(false)
     }
-}
-
-/// Sends a dead letter of a sink to `topic` (`kafka.topics.deadletter`), keyed by device, and waits
-/// for Kafka's acknowledgement.
-pub(crate) async fn send_dead_letter(
-    producer: &rdkafka::producer::FutureProducer,
-    topic: &str,
-    dead_letter: &tributary_schemas::DeadLetter,
-) -> Result<(), LakeError> {
-    let encoded = tributary_schemas::avro::encode(dead_letter)?;
-    let record = rdkafka::producer::FutureRecord::to(topic)
-        .key(dead_letter.device.as_str())
-        .payload(&encoded);
-    producer
-        .send(record, std::time::Duration::from_secs(30))
-        .await
-        .map_err(|(e, _)| LakeError::Kafka(e))?;
-    Ok(())
 }
 
 /// Moves a consumer's position in one partition back to `offset`, so the records from there are

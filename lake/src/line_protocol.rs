@@ -101,6 +101,9 @@ mod tests {
             measurement: Some(0),
             name: None,
             conflict: false,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         }
     }
 

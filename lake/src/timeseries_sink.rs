@@ -28,12 +28,13 @@ use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tributary_schemas::avro::decode;
-use tributary_schemas::kafka::{KafkaConfig, PartitionChange, REJOIN_TIMEOUT, RecordingContext};
+use tributary_schemas::kafka::{KafkaConfig, RecordingContext};
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading, now_micros};
+use tributary_streams::runtime::{self, StageConsumer};
 
 use crate::line_protocol::{push_point, series_key};
-use crate::{LakeError, rewind, send_dead_letter};
+use crate::{LakeError, rewind};
 
 /// Errors of the time-series sink's configuration.
 #[derive(Debug, thiserror::Error)]
@@ -280,16 +281,13 @@ impl TimeSeriesSink {
     /// Runs until the task is cancelled or a non-retryable error.
     pub async fn run(&self) -> Result<(), LakeError> {
         let writer = LineProtocolWriter::new(&self.config)?;
-        let context = RecordingContext::default();
-        let consumer: StreamConsumer<RecordingContext> = self
-            .kafka
-            .consumer(Self::STAGE)
-            .create_with_context(context.clone())?;
+        let input = StageConsumer::new(&self.kafka, Self::STAGE, &self.topic)?;
+        let consumer = input.consumer();
         let producer: FutureProducer = self
             .kafka
             .producer(&format!("tributary-{}", Self::STAGE))
             .create()?;
-        consumer.subscribe(&[&self.topic])?;
+        input.subscribe()?;
         tracing::info!(topic = %self.topic, url = %self.config.url, "time-series sink started");
 
         let mut parts: HashMap<i32, PartitionLines> = HashMap::new();
@@ -305,11 +303,10 @@ impl TimeSeriesSink {
                 Some(t) => flush_interval.saturating_sub(t.elapsed()),
                 None => flush_interval,
             };
-            let received =
-                tokio::time::timeout(wait.max(Duration::from_millis(1)), consumer.recv()).await;
-            points -= drop_revoked(&context, &mut parts);
-            match received {
-                Ok(Ok(msg)) => {
+            let polled = input.poll(wait).await;
+            points -= drop_revoked(&polled.revoked, &mut parts);
+            match polled.record {
+                Some(msg) => {
                     let (p, offset) = (msg.partition(), msg.offset());
                     let buffer = parts.entry(p).or_default();
                     buffer.next = offset + 1;
@@ -346,12 +343,9 @@ impl TimeSeriesSink {
                     points += 1;
                     oldest.get_or_insert_with(Instant::now);
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "consume error"),
-                Err(_) => {
-                    if let Some(d) = context.orphaned_for().filter(|d| *d > REJOIN_TIMEOUT)
-                        && points == 0
-                    {
-                        return Err(LakeError::Orphaned(d));
+                None => {
+                    if points == 0 {
+                        input.check_orphaned()?;
                     }
                 }
             }
@@ -365,7 +359,7 @@ impl TimeSeriesSink {
             points = 0;
             oldest = None;
             let started = Instant::now();
-            self.write_batch(&writer, &consumer, &producer, &batch)
+            self.write_batch(&writer, consumer, &producer, &batch)
                 .await?;
             written += count as u64;
             batches += 1;
@@ -515,23 +509,17 @@ impl TimeSeriesSink {
             original: line.as_bytes().to_vec(),
             measurement: None,
         };
-        send_dead_letter(producer, &self.kafka.topics.deadletter, &dl).await
+        Ok(runtime::send_dead_letter(producer, &self.kafka.topics.deadletter, None, &dl).await?)
     }
 }
 
 /// Drops the buffered lines of partitions the consumer lost; returns how many points went.
-fn drop_revoked(context: &RecordingContext, parts: &mut HashMap<i32, PartitionLines>) -> usize {
-    let mut dropped = 0;
-    for change in context.drain() {
-        if let PartitionChange::Revoked(ps) = change {
-            for (_, p) in ps {
-                if let Some(lines) = parts.remove(&p) {
-                    dropped += lines.offsets.len();
-                }
-            }
-        }
-    }
-    dropped
+fn drop_revoked(revoked: &[i32], parts: &mut HashMap<i32, PartitionLines>) -> usize {
+    revoked
+        .iter()
+        .filter_map(|p| parts.remove(p))
+        .map(|lines| lines.offsets.len())
+        .sum()
 }
 
 /// Takes every buffered line out as one batch.

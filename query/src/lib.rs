@@ -130,7 +130,7 @@ pub fn lake_table_names(lake: &LakeConfig) -> Result<Vec<String>, QueryError> {
 }
 
 /// Tables the pipeline writes, registered even on object stores that cannot be listed cheaply.
-pub const KNOWN_TABLES: [&str; 4] = tributary_lake::tables::TABLES;
+pub const KNOWN_TABLES: [&str; 5] = tributary_lake::tables::TABLES;
 
 /// A DataFusion session as every engine of this crate runs it: filters evaluated while Parquet
 /// pages are decoded (selective predicates — one device, one hour — skip most of the other
@@ -187,6 +187,36 @@ impl SqlEngine {
             self.tables.sort();
         }
         Ok(true)
+    }
+
+    /// Registers a CSV (with a header) or Parquet file as table `name`, by its extension.
+    pub async fn register_file(
+        &mut self,
+        name: &str,
+        path: &std::path::Path,
+    ) -> Result<(), QueryError> {
+        let location = path.to_string_lossy();
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match extension.as_deref() {
+            Some("parquet") => {
+                self.ctx
+                    .register_parquet(name, location.as_ref(), Default::default())
+                    .await?
+            }
+            _ => {
+                self.ctx
+                    .register_csv(name, location.as_ref(), Default::default())
+                    .await?
+            }
+        }
+        if !self.tables.iter().any(|t| t == name) {
+            self.tables.push(name.to_owned());
+            self.tables.sort();
+        }
+        Ok(())
     }
 
     /// The registered tables.

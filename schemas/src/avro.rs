@@ -73,6 +73,13 @@ pub struct RawEnvelope {
     /// For [`Source::Replay`]: the measurements to re-drive; `None`: the whole message.
     #[serde(default)]
     pub replay_measurements: Option<Vec<i32>>,
+    /// The device's group, model and site as the registry had them at receipt (like `tenant`).
+    #[serde(default)]
+    pub device_group: Option<String>,
+    #[serde(default)]
+    pub device_model: Option<String>,
+    #[serde(default)]
+    pub site: Vec<String>,
 }
 
 impl RawEnvelope {
@@ -126,6 +133,73 @@ pub struct Reading {
     /// tenant's policy keeps both.
     #[serde(default)]
     pub conflict: bool,
+    /// The device's group, model and site, from the raw envelope (stamped at ingest).
+    #[serde(default)]
+    pub device_group: Option<String>,
+    #[serde(default)]
+    pub device_model: Option<String>,
+    #[serde(default)]
+    pub site: Vec<String>,
+}
+
+/// The lifecycle state an [`Anomaly`] record reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnomalyState {
+    Open,
+    Update,
+    Resolved,
+}
+
+impl AnomalyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Update => "update",
+            Self::Resolved => "resolved",
+        }
+    }
+}
+
+/// Topic `anomalies`: one lifecycle record of an anomaly, with its evidence. Schema (every field
+/// documented): `schemas/avro/anomaly.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Anomaly {
+    pub anomaly_id: String,
+    pub seq: i32,
+    pub state: AnomalyState,
+    pub tenant: String,
+    pub device: String,
+    pub metric: String,
+    pub detector: String,
+    pub kind: String,
+    pub severity: String,
+    #[serde(default)]
+    pub device_group: Option<String>,
+    #[serde(default)]
+    pub site: Vec<String>,
+    pub start_time: Micros,
+    #[serde(default)]
+    pub end_time: Option<Micros>,
+    pub event_time: Micros,
+    pub value: f64,
+    #[serde(default)]
+    pub baseline: Option<f64>,
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    #[serde(default)]
+    pub score: Option<f64>,
+    #[serde(default)]
+    pub window_secs: Option<f64>,
+    #[serde(default)]
+    pub predicted_time: Option<Micros>,
+    pub readings: i64,
+    pub flaps: i32,
+    pub suppressed: i32,
+    pub message: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
 }
 
 /// Topic `deadletter`: a rejected input with the rule, reason and provenance. Schema:
@@ -209,15 +283,20 @@ impl SchemaId {
     /// `registry_event.v1.avsc`: before `Device.mqtt_password_hash`; still read.
     pub const REGISTRY_EVENT_V1: u32 = 4;
     pub const REGISTRY_EVENT: u32 = 5;
-    pub const RAW_ENVELOPE: u32 = 6;
+    /// `raw_envelope.v2.avsc`: before `device_group`, `device_model` and `site`; still read.
+    pub const RAW_ENVELOPE_V2: u32 = 6;
+    pub const RAW_ENVELOPE: u32 = 13;
     /// `dead_letter.v1.avsc`: before `measurement`; still read.
     pub const DEAD_LETTER_V1: u32 = 3;
     /// `catalog_event.v1.avsc`: before `Policy.conflicting_readings` and `MetricSpec.names`.
     pub const CATALOG_EVENT_V1: u32 = 9;
     /// `reading.v2.avsc`: before `name` (SenML) and `conflict`; still read.
     pub const READING_V2: u32 = 7;
-    pub const READING: u32 = 10;
+    /// `reading.v3.avsc`: before `device_group`, `device_model` and `site`; still read.
+    pub const READING_V3: u32 = 10;
+    pub const READING: u32 = 14;
     pub const CATALOG_EVENT: u32 = 11;
+    pub const ANOMALY: u32 = 12;
 }
 
 topic_record!(
@@ -225,7 +304,10 @@ topic_record!(
     "RawEnvelope",
     SchemaId::RAW_ENVELOPE,
     "raw_envelope.avsc",
-    earlier: [(SchemaId::RAW_ENVELOPE_V1, "raw_envelope.v1.avsc")]
+    earlier: [
+        (SchemaId::RAW_ENVELOPE_V1, "raw_envelope.v1.avsc"),
+        (SchemaId::RAW_ENVELOPE_V2, "raw_envelope.v2.avsc")
+    ]
 );
 topic_record!(
     Reading,
@@ -234,9 +316,11 @@ topic_record!(
     "reading.avsc",
     earlier: [
         (SchemaId::READING_V1, "reading.v1.avsc"),
-        (SchemaId::READING_V2, "reading.v2.avsc")
+        (SchemaId::READING_V2, "reading.v2.avsc"),
+        (SchemaId::READING_V3, "reading.v3.avsc")
     ]
 );
+topic_record!(Anomaly, "Anomaly", SchemaId::ANOMALY, "anomaly.avsc");
 topic_record!(
     DeadLetter,
     "DeadLetter",
@@ -333,6 +417,9 @@ mod tests {
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         }
     }
 
@@ -366,6 +453,9 @@ mod tests {
             measurement: Some(1),
             name: None,
             conflict: false,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         };
         assert_eq!(decode::<Reading>(&encode(&r).unwrap()).unwrap(), r);
         let d = DeadLetter {
@@ -483,6 +573,9 @@ mod tests {
             measurement: None,
             name: None,
             conflict: false,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         };
         let old = as_earlier(
             &r,
@@ -493,6 +586,9 @@ mod tests {
             source: Source::Replay,
             replayed_at: Some(9),
             replay_measurements: Some(vec![0, 2]),
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
             ..e
         };
         assert_eq!(
@@ -507,7 +603,10 @@ mod tests {
         let bytes = encode(&envelope()).unwrap();
         assert!(matches!(
             decode::<Reading>(&bytes),
-            Err(AvroError::WrongSchema { found: 6, .. })
+            Err(AvroError::WrongSchema {
+                found: SchemaId::RAW_ENVELOPE,
+                ..
+            })
         ));
         assert!(matches!(
             decode::<RawEnvelope>(b"{}"),

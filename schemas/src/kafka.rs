@@ -131,8 +131,22 @@ pub async fn enqueue(
     key: &str,
     payload: &[u8],
 ) -> Result<DeliveryFuture, KafkaError> {
+    enqueue_record(producer, topic, partition, key, Some(payload)).await
+}
+
+/// [`enqueue`] for a record whose value may be absent (`None`: a tombstone, on compacted topics).
+pub async fn enqueue_record(
+    producer: &FutureProducer,
+    topic: &str,
+    partition: Option<i32>,
+    key: &str,
+    payload: Option<&[u8]>,
+) -> Result<DeliveryFuture, KafkaError> {
     loop {
-        let mut record = FutureRecord::to(topic).key(key).payload(payload);
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).key(key);
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
         if let Some(p) = partition {
             record = record.partition(p);
         }

@@ -16,6 +16,12 @@ pub struct Topics {
     pub registry: String,
     /// Tenants' metric catalogs set through the admin API, compacted, key = tenant.
     pub catalog: String,
+    /// Anomaly lifecycle records (open, update, resolved), key = device: what alerting consumers
+    /// subscribe to.
+    pub anomalies: String,
+    /// The anomaly stage's state changelog, compacted, key = series and detector (internal to
+    /// the stage, not a contract).
+    pub anomaly_state: String,
 }
 
 impl Default for Topics {
@@ -26,6 +32,8 @@ impl Default for Topics {
             deadletter: "deadletter".into(),
             registry: "registry".into(),
             catalog: "catalog".into(),
+            anomalies: "anomalies".into(),
+            anomaly_state: "anomaly-state".into(),
         }
     }
 }
@@ -48,19 +56,28 @@ impl Topics {
     /// The registry topic is compacted: its latest record per device is the device; the catalog
     /// topic too (latest per tenant), with one partition.
     pub fn specs(&self, partitions: i32) -> Vec<TopicSpec> {
-        let mut specs: Vec<TopicSpec> = [&self.raw, &self.telemetry, &self.deadletter]
-            .into_iter()
-            .map(|name| TopicSpec {
+        let mut specs: Vec<TopicSpec> = [
+            &self.raw,
+            &self.telemetry,
+            &self.deadletter,
+            &self.anomalies,
+        ]
+        .into_iter()
+        .map(|name| TopicSpec {
+            name: name.clone(),
+            partitions,
+            compacted: false,
+        })
+        .collect();
+        // Compacted, key = device / series: the latest record per key is the state. The
+        // anomaly stage's changelog has a partition per `telemetry` partition.
+        for name in [&self.registry, &self.anomaly_state] {
+            specs.push(TopicSpec {
                 name: name.clone(),
                 partitions,
-                compacted: false,
-            })
-            .collect();
-        specs.push(TopicSpec {
-            name: self.registry.clone(),
-            partitions,
-            compacted: true,
-        });
+                compacted: true,
+            });
+        }
         // Few records (one per tenant), read whole by every cleanse and API process.
         specs.push(TopicSpec {
             name: self.catalog.clone(),

@@ -9,26 +9,23 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer};
-use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use tributary_schemas::avro::{self, decode};
+use tributary_schemas::avro::decode;
 use tributary_schemas::kafka::{self, KafkaConfig};
 use tributary_schemas::payload::{self, Measurement, parse_message};
 use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, Source, now_micros};
 
 use crate::StreamError;
-use crate::containment::{self, Attempts, FaultInjection, RecordId, STAGE_FAILURE};
+use crate::containment::{self, STAGE_FAILURE};
 use crate::dedup::{self, DedupWindow, Key, ReadingWindow};
+use crate::runtime::{self, Batching, Emit, Restarts, Stage};
 use tributary_schemas::catalog::{
     Catalog, CatalogBase, CatalogError, CatalogOverrides, ConflictingReadings, LateData,
     MetricSpec, Policy, Rules, TenantCatalog, UnknownMetrics, ValueType, default_metrics,
 };
-use tributary_schemas::kafka::{PartitionChange, REJOIN_TIMEOUT, RecordingContext};
 
 /// The name of this stage (consumer group suffix, `stage` of its dead letters).
 pub const STAGE: &str = "cleanse";
@@ -75,6 +72,25 @@ impl Default for CleanseConfig {
 }
 
 impl CleanseConfig {
+    /// The metric names of every catalog in this config; `None` when any tenant accepts metrics
+    /// the catalog does not know (then any name may come).
+    pub fn metric_names(&self) -> Option<std::collections::BTreeSet<String>> {
+        let accepts = |p: &Policy| p.unknown_metrics == UnknownMetrics::Accept;
+        if accepts(&self.policy)
+            || self
+                .tenants
+                .values()
+                .any(|t| t.policy.as_ref().is_some_and(accepts))
+        {
+            return None;
+        }
+        let mut names: std::collections::BTreeSet<String> = self.metrics.keys().cloned().collect();
+        for t in self.tenants.values() {
+            names.extend(t.metrics.keys().cloned());
+        }
+        Some(names)
+    }
+
     /// The checked catalog of the file alone; the error names the bad key.
     pub fn catalog(&self) -> Result<Catalog, CatalogError> {
         self.catalog_base().compile(&BTreeMap::new())
@@ -97,27 +113,7 @@ pub enum Output {
     DeadLetter(DeadLetter),
 }
 
-/// Where a raw record sits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position<'a> {
-    pub topic: &'a str,
-    pub partition: i32,
-    pub offset: i64,
-    /// The record's Kafka timestamp (µs): the receive time of records too broken to say theirs.
-    pub written_at: Micros,
-}
-
-impl<'a> Position<'a> {
-    /// Where `m` sits.
-    pub fn of(m: &'a impl Message) -> Self {
-        Self {
-            topic: m.topic(),
-            partition: m.partition(),
-            offset: m.offset(),
-            written_at: m.timestamp().to_millis().unwrap_or(0).saturating_mul(1000),
-        }
-    }
-}
+pub use crate::runtime::Position;
 
 /// What the cleanse logic keeps per raw partition; rebuilt after a restart by re-reading the
 /// dedup horizon of `raw` before the committed offset (see [`CleanseStage`]).
@@ -765,6 +761,9 @@ fn check(
         measurement: None,
         name: m.name,
         conflict,
+        device_group: e.device_group.clone(),
+        device_model: e.device_model.clone(),
+        site: e.site.clone(),
     }))
 }
 
@@ -805,15 +804,19 @@ impl Outputs<'_> {
     }
 }
 
-/// The cleanse stage: one member of the `<prefix>-cleanse` consumer group.
+/// The cleanse stage: one member of the `<prefix>-cleanse` consumer group, on [`runtime::run`].
+///
+/// Its state (per raw partition: dedup window, watermark, rate-of-change memory, the conflict
+/// window) is a bounded horizon of `raw`, so it is restored by cleansing that horizon again
+/// ([`CleanseStage::warm_up`]) rather than from a changelog: nothing to write per batch, and a
+/// catalog changed in between cannot rewrite history (what was refused is read back from the dead
+/// letters written then).
 pub struct CleanseStage {
     kafka: KafkaConfig,
     config: CleanseConfig,
     /// Tenants' catalogs set through the API (followed from the `catalog` topic by the caller).
     overrides: Arc<CatalogOverrides>,
-    /// Records that made the stage fail, counted across its restarts.
-    attempts: Attempts,
-    faults: FaultInjection,
+    restarts: Restarts,
 }
 
 impl CleanseStage {
@@ -826,29 +829,8 @@ impl CleanseStage {
             kafka,
             config,
             overrides,
-            attempts: Attempts::default(),
-            faults: FaultInjection::from_env(),
+            restarts: Restarts::new(),
         }
-    }
-
-    fn partitions_of(
-        consumer: &StreamConsumer<RecordingContext>,
-        topic: &str,
-    ) -> Result<i32, StreamError> {
-        // A blocking librdkafka call: keep it off the async workers (the HTTP ingest shares them).
-        let md = tokio::task::block_in_place(|| {
-            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
-        })?;
-        let n = md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map(|t| t.partitions().len() as i32)
-            .unwrap_or(0);
-        if n == 0 {
-            return Err(StreamError::MissingTopic(topic.to_owned()));
-        }
-        Ok(n)
     }
 
     /// Rebuilds a partition's state (dedup window, watermark, rate memory) by cleansing again,
@@ -922,16 +904,141 @@ impl CleanseStage {
         Ok(state)
     }
 
-    /// Applies the tenants' API catalogs when they changed since `seen` (between batches).
-    fn refresh_catalog(&self, base: &CatalogBase, cleanser: &mut Cleanser, seen: &mut u64) {
+    /// Runs until the task is cancelled or Kafka fails for good.
+    pub async fn run(&self) -> Result<(), StreamError> {
+        let topics = &self.kafka.topics;
+        let run = CleanseRun {
+            cleanser: Cleanser::new(&self.config)?,
+            base: self.config.catalog_base(),
+            overrides: self.overrides.clone(),
+            generation: u64::MAX,
+            horizon: micros(self.config.dedup_horizon_secs),
+            input: topics.raw.clone(),
+            telemetry: Arc::from(topics.telemetry.as_str()),
+            deadletter: Arc::from(topics.deadletter.as_str()),
+            telemetry_parts: 1,
+            deadletter_parts: 1,
+            readings: 0,
+            rejected: 0,
+        };
+        let batching = Batching::new(self.config.batch_size, self.config.batch_ms);
+        self.restarts.run(&self.kafka, run, batching).await
+    }
+}
+
+/// One run of the cleanse stage (from a start or restart to its end): the [`Stage`] the runtime
+/// drives.
+struct CleanseRun {
+    cleanser: Cleanser,
+    base: CatalogBase,
+    overrides: Arc<CatalogOverrides>,
+    /// The catalog generation applied.
+    generation: u64,
+    horizon: Micros,
+    input: String,
+    telemetry: Arc<str>,
+    deadletter: Arc<str>,
+    telemetry_parts: i32,
+    deadletter_parts: i32,
+    readings: u64,
+    rejected: u64,
+}
+
+impl CleanseRun {
+    fn emits(&mut self, partition: i32, outputs: Vec<Output>) -> Result<Vec<Emit>, StreamError> {
+        outputs
+            .into_iter()
+            .map(|output| match &output {
+                Output::Reading(r) => {
+                    self.readings += 1;
+                    Emit::record(
+                        &self.telemetry,
+                        partition % self.telemetry_parts,
+                        &r.device,
+                        r,
+                    )
+                }
+                Output::DeadLetter(d) => {
+                    self.rejected += 1;
+                    tracing::debug!(rule = %d.rule, reason = %d.reason, offset = d.source_offset, "dead letter");
+                    Emit::record(
+                        &self.deadletter,
+                        runtime::dead_letter_partition(partition, self.deadletter_parts),
+                        &d.device,
+                        d,
+                    )
+                }
+            })
+            .collect()
+    }
+}
+
+impl Stage for CleanseRun {
+    const NAME: &'static str = STAGE;
+
+    fn input(&self) -> &str {
+        &self.input
+    }
+
+    fn outputs(&self) -> Vec<String> {
+        vec![self.telemetry.to_string(), self.deadletter.to_string()]
+    }
+
+    fn open(&mut self, partitions: &HashMap<String, i32>) -> Result<(), StreamError> {
+        self.telemetry_parts = partitions[&*self.telemetry];
+        self.deadletter_parts = partitions[&*self.deadletter];
+        Ok(())
+    }
+
+    fn restore(
+        &mut self,
+        kafka: &KafkaConfig,
+        partition: i32,
+        offset: i64,
+    ) -> Result<(), StreamError> {
+        let fresh = self.cleanser.fresh();
+        let state = CleanseStage::warm_up(
+            kafka,
+            partition,
+            self.deadletter_parts,
+            offset,
+            fresh,
+            self.horizon,
+        )?;
+        match state {
+            Some(state) => self.cleanser.install(partition, state),
+            None => self.cleanser.forget(partition),
+        }
+        Ok(())
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.cleanser.forget(partition);
+    }
+
+    fn process(&mut self, at: Position<'_>, record: &[u8]) -> Result<Vec<Emit>, StreamError> {
+        let outputs = self.cleanser.process(at, record);
+        self.emits(at.partition, outputs)
+    }
+
+    fn give_up(&mut self, at: Position<'_>, record: &[u8], error: &str) -> Vec<Emit> {
+        let output = Cleanser::stage_failure(at, record, error);
+        self.emits(at.partition, vec![output]).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "the stage_failure dead letter could not be encoded");
+            Vec::new()
+        })
+    }
+
+    /// Applies the tenants' API catalogs when they changed.
+    fn refresh(&mut self) {
         let generation = self.overrides.generation();
-        if generation == *seen {
+        if generation == self.generation {
             return;
         }
-        *seen = generation;
-        match base.compile(&self.overrides.snapshot()) {
+        self.generation = generation;
+        match self.base.compile(&self.overrides.snapshot()) {
             Ok(c) => {
-                cleanser.set_catalog(c);
+                self.cleanser.set_catalog(c);
                 tracing::info!(generation, "metric catalog applied");
             }
             // The API checks a catalog before recording it; keep the last good one.
@@ -941,161 +1048,12 @@ impl CleanseStage {
         }
     }
 
-    /// Runs until the task is cancelled or Kafka fails for good.
-    pub async fn run(&self) -> Result<(), StreamError> {
-        let context = RecordingContext::default();
-        let consumer: StreamConsumer<RecordingContext> = self
-            .kafka
-            .consumer(STAGE)
-            .create_with_context(context.clone())?;
-        let producer: FutureProducer = self.kafka.producer("tributary-cleanse").create()?;
-        let topics = &self.kafka.topics;
-        let telemetry_parts = Self::partitions_of(&consumer, &topics.telemetry)?;
-        let deadletter_parts = Self::partitions_of(&consumer, &topics.deadletter)?;
-        Self::partitions_of(&consumer, &topics.raw)?;
-        consumer.subscribe(&[&topics.raw])?;
-        tracing::info!(raw = %topics.raw, "cleanse stage started");
-        let mut cleanser = Cleanser::new(&self.config)?;
-        let base = self.config.catalog_base();
-        let mut catalog_generation = u64::MAX;
-        let horizon = micros(self.config.dedup_horizon_secs);
-        let mut warmed: HashSet<i32> = HashSet::new();
-        let (mut readings, mut rejected) = (0u64, 0u64);
-        loop {
-            self.refresh_catalog(&base, &mut cleanser, &mut catalog_generation);
-            let started = Instant::now();
-            let mut deliveries: Vec<DeliveryFuture> = Vec::new();
-            let mut next_offsets: HashMap<i32, i64> = HashMap::new();
-            let mut count = 0usize;
-            while count < self.config.batch_size {
-                let left =
-                    Duration::from_millis(self.config.batch_ms).saturating_sub(started.elapsed());
-                if left.is_zero() && count > 0 {
-                    break;
-                }
-                let msg =
-                    match tokio::time::timeout(left.max(Duration::from_millis(1)), consumer.recv())
-                        .await
-                    {
-                        Err(_) => {
-                            if count > 0 {
-                                break;
-                            }
-                            self.refresh_catalog(&base, &mut cleanser, &mut catalog_generation);
-                            if let Some(d) = context.orphaned_for().filter(|d| *d > REJOIN_TIMEOUT)
-                            {
-                                // The supervisor starts this stage again with a new consumer.
-                                return Err(StreamError::Orphaned(d));
-                            }
-                            continue;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %e, "consume error");
-                            continue;
-                        }
-                        Ok(Ok(m)) => m,
-                    };
-                for change in context.drain() {
-                    if let PartitionChange::Revoked(parts) = change {
-                        for (_, p) in parts {
-                            cleanser.forget(p);
-                            warmed.remove(&p);
-                            next_offsets.remove(&p);
-                        }
-                    }
-                }
-                let partition = msg.partition();
-                let offset = msg.offset();
-                if !warmed.contains(&partition) {
-                    let kafka = self.kafka.clone();
-                    let fresh = cleanser.fresh();
-                    let state = tokio::task::spawn_blocking(move || {
-                        Self::warm_up(&kafka, partition, deadletter_parts, offset, fresh, horizon)
-                    })
-                    .await
-                    .map_err(|e| StreamError::WarmUp(e.to_string()))??;
-                    if let Some(state) = state {
-                        cleanser.install(partition, state);
-                    }
-                    warmed.insert(partition);
-                }
-                let pos = Position::of(&msg);
-                let record = msg.payload().unwrap_or_default();
-                let outputs = match self.attempts.given_up(&topics.raw, partition, offset) {
-                    Some(error) => {
-                        tracing::error!(partition, offset, %error, "record dead-lettered after failing the stage {} times", containment::MAX_ATTEMPTS);
-                        vec![Cleanser::stage_failure(pos, record, &error)]
-                    }
-                    None => match containment::guard(|| {
-                        self.faults.check(record);
-                        cleanser.process(pos, record)
-                    }) {
-                        Ok(outputs) => outputs,
-                        Err(message) => {
-                            let id = RecordId {
-                                topic: topics.raw.clone(),
-                                partition,
-                                offset,
-                            };
-                            return Err(self.attempts.failed(STAGE, id, message).into());
-                        }
-                    },
-                };
-                self.attempts.done(&topics.raw, partition, offset);
-                for output in outputs {
-                    let (topic, part, key, bytes) = match &output {
-                        Output::Reading(r) => {
-                            readings += 1;
-                            (
-                                &topics.telemetry,
-                                partition % telemetry_parts,
-                                r.device.as_str(),
-                                avro::encode(r)?,
-                            )
-                        }
-                        Output::DeadLetter(d) => {
-                            rejected += 1;
-                            tracing::debug!(rule = %d.rule, reason = %d.reason, offset, "dead letter");
-                            (
-                                &topics.deadletter,
-                                partition % deadletter_parts,
-                                d.device.as_str(),
-                                avro::encode(d)?,
-                            )
-                        }
-                    };
-                    deliveries
-                        .push(kafka::enqueue(&producer, topic, Some(part), key, &bytes).await?);
-                }
-                next_offsets.insert(partition, offset + 1);
-                count += 1;
-            }
-            for d in deliveries {
-                kafka::delivered(d).await?;
-            }
-            if !next_offsets.is_empty() {
-                let mut tpl = TopicPartitionList::new();
-                for (p, o) in &next_offsets {
-                    tpl.add_partition_offset(&topics.raw, *p, Offset::Offset(*o))?;
-                }
-                if let Err(e) =
-                    tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))
-                {
-                    // Outputs are already written; the next owner re-emits and the sink drops them.
-                    tracing::warn!(error = %e, "offset commit failed");
-                }
-                tracing::debug!(
-                    records = count,
-                    offsets = ?next_offsets,
-                    readings,
-                    rejected,
-                    duplicates = cleanser.counts.duplicates,
-                    late = cleanser.counts.late,
-                    converted = cleanser.counts.converted,
-                    "batch committed"
-                );
-            }
-        }
+    fn summary(&self) -> String {
+        let c = &self.cleanser.counts;
+        format!(
+            "readings={} rejected={} duplicates={} late={} converted={}",
+            self.readings, self.rejected, c.duplicates, c.late, c.converted
+        )
     }
 }
 
@@ -1156,6 +1114,9 @@ mod tests {
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         }
     }
 

@@ -1,14 +1,22 @@
 //! Stream processors: Kafka consumer groups that turn topics into topics.
 //!
-//! This crate owns the cleanse stage ([`cleanse::CleanseStage`]: `raw` → `telemetry` + `deadletter`)
-//! and the pure logic behind it ([`cleanse::Cleanser`], [`dedup::DedupWindow`]), testable without
-//! servers. The metric catalog it applies is a contract (`tributary_schemas::catalog`). Each stage is one consumer group and scales out by adding instances.
+//! This crate owns the runtime every consuming stage runs on ([`runtime`]: the consume loop,
+//! containment, commits after outputs and state changelogs, keyed state restored consistently with
+//! the committed offsets), and the processing stages on it: cleanse ([`cleanse::CleanseStage`]:
+//! `raw` → `telemetry` + `deadletter`) and anomaly detection ([`anomaly::AnomalyStage`]:
+//! `telemetry` → `anomalies`). Their logic is pure and testable without servers
+//! ([`cleanse::Cleanser`], [`dedup::DedupWindow`], [`detectors::Series`]). The catalogs they apply
+//! are contracts (`tributary_schemas::catalog`, `tributary_schemas::detectors`). Each stage is one
+//! consumer group and scales out by adding instances.
 //!
 //! It must not touch: the lake, the device-facing endpoints, or the bytes of the raw topic (read only).
 
+pub mod anomaly;
 pub mod cleanse;
 pub mod containment;
 pub mod dedup;
+pub mod detectors;
+pub mod runtime;
 
 /// Errors of the stream stages.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +33,8 @@ pub enum StreamError {
     Catalog(#[from] tributary_schemas::catalog::CatalogError),
     #[error("the consumer lost its partitions {0:?} ago and got none back")]
     Orphaned(std::time::Duration),
+    #[error("stage state: {0}")]
+    State(String),
     #[error(transparent)]
     RecordFailed(#[from] containment::Failure),
 }

@@ -16,7 +16,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use tributary_schemas::registry::{Device, RegistryChange, RegistryEvent};
 
-use super::{LakeRow, MergeSpec, TableWrite, strings, timestamps, ts};
+use super::{LakeRow, MergeSpec, TableWrite, string_list, strings, timestamps, ts};
 
 /// The latest state of one device (`None`: deleted).
 #[derive(Debug, Clone, PartialEq)]
@@ -33,10 +33,6 @@ static MERGE: MergeSpec = MergeSpec {
     update: None,
     insert_when: Some("NOT source.deleted"),
 };
-
-fn string_list() -> DataType {
-    DataType::List(Arc::new(Field::new("element", DataType::Utf8, true)))
-}
 
 fn span_fields() -> Fields {
     Fields::from(vec![

@@ -14,21 +14,24 @@
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, Date32Builder, Int32Builder, Int64Builder, RecordBatch, StringBuilder,
-    TimestampMicrosecondBuilder,
+    Array, ArrayRef, Date32Builder, Int32Builder, Int64Builder, ListBuilder, RecordBatch,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
 use tributary_schemas::Micros;
 use tributary_schemas::avro::{Provenance, TopicRecord};
 
+pub mod anomalies;
 pub mod deadletter;
 pub mod devices;
 pub mod telemetry;
 pub mod usage;
 
 /// Every table the pipeline writes, by name.
-pub const TABLES: [&str; 4] = [
+pub const TABLES: [&str; 5] = [
     <tributary_schemas::Reading as LakeRow>::TABLE,
+    <tributary_schemas::avro::Anomaly as LakeRow>::TABLE,
     <tributary_schemas::DeadLetter as LakeRow>::TABLE,
     <devices::DeviceState as LakeRow>::TABLE,
     <usage::UsageEvent as LakeRow>::TABLE,
@@ -83,6 +86,57 @@ pub trait LakeRow: Sized + Send + Sync + 'static {
     /// The batch written for `rows` (for [`TableWrite::Merge`], the merge's `source`, which may
     /// have more columns than the table).
     fn to_batch(rows: &[Self]) -> Result<RecordBatch, arrow::error::ArrowError>;
+}
+
+/// A batch of `schema` from columns given by name: each column must be the schema's column of its
+/// position, by name and type, so two columns swapped are an error, not silently wrong data.
+pub fn named_batch(
+    schema: SchemaRef,
+    columns: Vec<(&str, ArrayRef)>,
+) -> Result<RecordBatch, ArrowError> {
+    if columns.len() != schema.fields().len() {
+        return Err(ArrowError::SchemaError(format!(
+            "{} columns for a schema of {}",
+            columns.len(),
+            schema.fields().len()
+        )));
+    }
+    for (i, (field, (name, array))) in schema.fields().iter().zip(&columns).enumerate() {
+        if field.name() != name {
+            return Err(ArrowError::SchemaError(format!(
+                "column {i} is `{name}`, the schema's is `{}`",
+                field.name()
+            )));
+        }
+        if field.data_type() != array.data_type() {
+            return Err(ArrowError::SchemaError(format!(
+                "column `{name}` is {}, the schema says {}",
+                array.data_type(),
+                field.data_type()
+            )));
+        }
+    }
+    RecordBatch::try_new(schema, columns.into_iter().map(|(_, a)| a).collect())
+}
+
+/// A list of strings as Delta writes it (item field `element`).
+pub(crate) fn string_list() -> DataType {
+    DataType::List(Arc::new(Field::new("element", DataType::Utf8, true)))
+}
+
+pub(crate) fn string_lists<'a>(values: impl Iterator<Item = &'a [String]>) -> ArrayRef {
+    let mut b = ListBuilder::new(StringBuilder::new()).with_field(Field::new(
+        "element",
+        DataType::Utf8,
+        true,
+    ));
+    for list in values {
+        for s in list {
+            b.values().append_value(s);
+        }
+        b.append(true);
+    }
+    Arc::new(b.finish())
 }
 
 pub(crate) fn ts() -> DataType {
@@ -141,6 +195,26 @@ pub(crate) fn non_empty(s: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_with_two_columns_swapped_is_refused_by_name() {
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            Field::new("source_partition", DataType::Int32, false),
+            Field::new("source_index", DataType::Int32, false),
+        ]));
+        let a = i32s([1, 2].into_iter());
+        let b = i32s([3, 4].into_iter());
+        assert!(
+            named_batch(
+                schema.clone(),
+                vec![("source_partition", a.clone()), ("source_index", b.clone())]
+            )
+            .is_ok()
+        );
+        let e =
+            named_batch(schema, vec![("source_index", b), ("source_partition", a)]).unwrap_err();
+        assert!(e.to_string().contains("column 0 is `source_index`"), "{e}");
+    }
 
     #[test]
     fn day_partition_is_the_utc_date() {

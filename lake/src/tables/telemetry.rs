@@ -2,7 +2,8 @@
 //! its event time. Drained from topic `telemetry` (Avro `Reading`).
 //!
 //! `original_value`, `original_unit`, `late` and `measurement` came with the metric catalog, `name`
-//! (the resolved SenML name) and `conflict` (a second value kept for the same instant) after: they
+//! (the resolved SenML name) and `conflict` (a second value kept for the same instant) after, then
+//! `device_group`, `device_model` and `site` (stamped at ingest from the registry): they
 //! are the last columns, nullable, so a table written before them gains them on its next commit (Delta schema
 //! evolution; older files read them as null).
 
@@ -13,7 +14,10 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tributary_schemas::Reading;
 use tributary_schemas::avro::{Derived, Provenance};
 
-use super::{LakeRow, TableWrite, days, i32s, i64s, strings, timestamps, ts};
+use super::{
+    LakeRow, TableWrite, days, i32s, i64s, named_batch, string_list, string_lists, strings,
+    timestamps, ts,
+};
 
 impl LakeRow for Reading {
     type Record = Reading;
@@ -53,6 +57,10 @@ impl LakeRow for Reading {
                 // Added with SenML names and conflicting readings (issue 14).
                 Field::new("name", DataType::Utf8, true),
                 Field::new("conflict", DataType::Boolean, true),
+                // Stamped at ingest from the registry (issue 15): a per-zone average needs no join.
+                Field::new("device_group", DataType::Utf8, true),
+                Field::new("device_model", DataType::Utf8, true),
+                Field::new("site", string_list(), true),
             ]))
         });
         S.clone()
@@ -63,36 +71,81 @@ impl LakeRow for Reading {
         for r in rows {
             value.append_value(r.value);
         }
-        RecordBatch::try_new(
+        named_batch(
             Self::arrow_schema(),
             vec![
-                strings(rows.iter().map(|r| Some(r.tenant.as_str()))),
-                strings(rows.iter().map(|r| Some(r.device.as_str()))),
-                strings(rows.iter().map(|r| Some(r.metric.as_str()))),
-                Arc::new(value.finish()),
-                strings(rows.iter().map(|r| r.unit.as_deref())),
-                timestamps(rows.iter().map(|r| r.event_time)),
-                timestamps(rows.iter().map(|r| r.ingest_time)),
-                strings(rows.iter().map(|r| Some(r.event_id.as_str()))),
-                strings(rows.iter().map(|r| Some(r.source_topic.as_str()))),
-                i32s(rows.iter().map(|r| r.source_partition)),
-                i64s(rows.iter().map(|r| r.source_offset)),
-                i32s(rows.iter().map(|r| r.source_index)),
-                days(rows.iter().map(|r| r.event_time)),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| r.original_value)
-                        .collect::<Float64Array>(),
+                (
+                    "tenant",
+                    strings(rows.iter().map(|r| Some(r.tenant.as_str()))),
                 ),
-                strings(rows.iter().map(|r| r.original_unit.as_deref())),
-                Arc::new(rows.iter().map(|r| Some(r.late)).collect::<BooleanArray>()),
-                Arc::new(rows.iter().map(|r| r.measurement).collect::<Int32Array>()),
-                strings(rows.iter().map(|r| r.name.as_deref())),
-                Arc::new(
-                    rows.iter()
-                        .map(|r| Some(r.conflict))
-                        .collect::<BooleanArray>(),
+                (
+                    "device",
+                    strings(rows.iter().map(|r| Some(r.device.as_str()))),
                 ),
+                (
+                    "metric",
+                    strings(rows.iter().map(|r| Some(r.metric.as_str()))),
+                ),
+                ("value", Arc::new(value.finish())),
+                ("unit", strings(rows.iter().map(|r| r.unit.as_deref()))),
+                ("event_time", timestamps(rows.iter().map(|r| r.event_time))),
+                (
+                    "ingest_time",
+                    timestamps(rows.iter().map(|r| r.ingest_time)),
+                ),
+                (
+                    "event_id",
+                    strings(rows.iter().map(|r| Some(r.event_id.as_str()))),
+                ),
+                (
+                    "source_topic",
+                    strings(rows.iter().map(|r| Some(r.source_topic.as_str()))),
+                ),
+                (
+                    "source_partition",
+                    i32s(rows.iter().map(|r| r.source_partition)),
+                ),
+                ("source_offset", i64s(rows.iter().map(|r| r.source_offset))),
+                ("source_index", i32s(rows.iter().map(|r| r.source_index))),
+                ("day", days(rows.iter().map(|r| r.event_time))),
+                (
+                    "original_value",
+                    Arc::new(
+                        rows.iter()
+                            .map(|r| r.original_value)
+                            .collect::<Float64Array>(),
+                    ),
+                ),
+                (
+                    "original_unit",
+                    strings(rows.iter().map(|r| r.original_unit.as_deref())),
+                ),
+                (
+                    "late",
+                    Arc::new(rows.iter().map(|r| Some(r.late)).collect::<BooleanArray>()),
+                ),
+                (
+                    "measurement",
+                    Arc::new(rows.iter().map(|r| r.measurement).collect::<Int32Array>()),
+                ),
+                ("name", strings(rows.iter().map(|r| r.name.as_deref()))),
+                (
+                    "conflict",
+                    Arc::new(
+                        rows.iter()
+                            .map(|r| Some(r.conflict))
+                            .collect::<BooleanArray>(),
+                    ),
+                ),
+                (
+                    "device_group",
+                    strings(rows.iter().map(|r| r.device_group.as_deref())),
+                ),
+                (
+                    "device_model",
+                    strings(rows.iter().map(|r| r.device_model.as_deref())),
+                ),
+                ("site", string_lists(rows.iter().map(|r| r.site.as_slice()))),
             ],
         )
     }

@@ -121,6 +121,9 @@ mod tests {
             encryption_key_id: None,
             replayed_at: None,
             replay_measurements: None,
+            device_group: None,
+            device_model: None,
+            site: Vec::new(),
         }
     }
 
