@@ -330,7 +330,7 @@ fn every_detector_kind_reaches_an_outside_consumer_the_table_and_the_backtest() 
     for r in &rows {
         let t = r["event_time"].as_str().unwrap();
         let t = chrono::NaiveDateTime::parse_from_str(
-            &t.replace('T', " ").trim_end_matches('Z').to_owned(),
+            t.replace('T', " ").trim_end_matches('Z'),
             "%Y-%m-%d %H:%M:%S%.f",
         )
         .map(|n| n.and_utc().to_rfc3339())

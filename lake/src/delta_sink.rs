@@ -627,6 +627,74 @@ mod tests {
         );
     }
 
+    fn anomaly(id: &str, seq: i32) -> tributary_schemas::avro::Anomaly {
+        tributary_schemas::avro::Anomaly {
+            anomaly_id: id.into(),
+            seq,
+            state: if seq == 0 {
+                tributary_schemas::avro::AnomalyState::Open
+            } else {
+                tributary_schemas::avro::AnomalyState::Resolved
+            },
+            tenant: "t1".into(),
+            device: "d1".into(),
+            metric: "temperature".into(),
+            detector: "hot".into(),
+            kind: "threshold".into(),
+            severity: "critical".into(),
+            device_group: Some("pumps".into()),
+            site: vec!["north".into(), "hall 3".into()],
+            start_time: 1_795_392_000_000_000,
+            end_time: (seq > 0).then_some(1_795_392_060_000_000),
+            event_time: 1_795_392_000_000_000 + i64::from(seq) * 60_000_000,
+            value: 90.0,
+            baseline: None,
+            threshold: Some(80.0),
+            score: Some(10.0),
+            window_secs: None,
+            predicted_time: None,
+            readings: 3,
+            flaps: 0,
+            suppressed: 0,
+            message: "temperature 90 above 80".into(),
+            source_topic: "telemetry".into(),
+            source_partition: 0,
+            source_offset: 7,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn anomaly_records_published_again_are_merged_once() {
+        use tributary_schemas::avro::Anomaly;
+        let dir = tempfile::tempdir().unwrap();
+        let lake = temp_lake(&dir);
+        // After a crash the stage publishes records again: within one batch and across batches.
+        write_rows::<Anomaly>(&lake, "anomalies", &[anomaly("a", 0), anomaly("a", 0)])
+            .await
+            .unwrap();
+        let table = write_rows::<Anomaly>(
+            &lake,
+            "anomalies",
+            &[anomaly("a", 0), anomaly("a", 1), anomaly("b", 0)],
+        )
+        .await
+        .unwrap();
+        let rows = query(
+            &table,
+            "SELECT anomaly_id, seq, state, site[2] AS section FROM t ORDER BY anomaly_id, seq",
+        )
+        .await;
+        assert_eq!(
+            rows[3..6],
+            [
+                "| a          | 0   | open     | hall 3  |",
+                "| a          | 1   | resolved | hall 3  |",
+                "| b          | 0   | open     | hall 3  |",
+            ]
+        );
+        assert_eq!(rows.len(), 7, "{rows:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn device_merges_upsert_and_delete() {
         let dir = tempfile::tempdir().unwrap();

@@ -9,7 +9,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tributary_schemas::DeadLetter;
 use tributary_schemas::avro::{Derived, Provenance};
 
-use super::{LakeRow, TableWrite, days, i32s, i64s, non_empty, strings, timestamps, ts};
+use super::{
+    LakeRow, TableWrite, days, i32s, i64s, named_batch, non_empty, strings, timestamps, ts,
+};
 
 impl LakeRow for DeadLetter {
     type Record = DeadLetter;
@@ -54,25 +56,46 @@ impl LakeRow for DeadLetter {
         for r in rows {
             original.append_value(&r.original);
         }
-        RecordBatch::try_new(
+        // Unknown tenant or device: null (an empty partition value would read back as null anyway).
+        named_batch(
             Self::arrow_schema(),
             vec![
-                // Unknown tenant or device: null (an empty partition value would read back as null anyway).
-                strings(rows.iter().map(|r| non_empty(&r.tenant))),
-                strings(rows.iter().map(|r| non_empty(&r.device))),
-                strings(rows.iter().map(|r| r.event_id.as_deref())),
-                strings(rows.iter().map(|r| Some(r.stage.as_str()))),
-                strings(rows.iter().map(|r| Some(r.rule.as_str()))),
-                strings(rows.iter().map(|r| r.field.as_deref())),
-                strings(rows.iter().map(|r| Some(r.reason.as_str()))),
-                strings(rows.iter().map(|r| Some(r.source_topic.as_str()))),
-                i32s(rows.iter().map(|r| r.source_partition)),
-                i64s(rows.iter().map(|r| r.source_offset)),
-                i32s(rows.iter().map(|r| r.source_index)),
-                timestamps(rows.iter().map(|r| r.received_at)),
-                Arc::new(original.finish()),
-                days(rows.iter().map(|r| r.received_at)),
-                Arc::new(rows.iter().map(|r| r.measurement).collect::<Int32Array>()),
+                ("tenant", strings(rows.iter().map(|r| non_empty(&r.tenant)))),
+                ("device", strings(rows.iter().map(|r| non_empty(&r.device)))),
+                (
+                    "event_id",
+                    strings(rows.iter().map(|r| r.event_id.as_deref())),
+                ),
+                (
+                    "stage",
+                    strings(rows.iter().map(|r| Some(r.stage.as_str()))),
+                ),
+                ("rule", strings(rows.iter().map(|r| Some(r.rule.as_str())))),
+                ("field", strings(rows.iter().map(|r| r.field.as_deref()))),
+                (
+                    "reason",
+                    strings(rows.iter().map(|r| Some(r.reason.as_str()))),
+                ),
+                (
+                    "source_topic",
+                    strings(rows.iter().map(|r| Some(r.source_topic.as_str()))),
+                ),
+                (
+                    "source_partition",
+                    i32s(rows.iter().map(|r| r.source_partition)),
+                ),
+                ("source_offset", i64s(rows.iter().map(|r| r.source_offset))),
+                ("source_index", i32s(rows.iter().map(|r| r.source_index))),
+                (
+                    "received_at",
+                    timestamps(rows.iter().map(|r| r.received_at)),
+                ),
+                ("original", Arc::new(original.finish())),
+                ("day", days(rows.iter().map(|r| r.received_at))),
+                (
+                    "measurement",
+                    Arc::new(rows.iter().map(|r| r.measurement).collect::<Int32Array>()),
+                ),
             ],
         )
     }

@@ -16,7 +16,7 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use tributary_schemas::registry::{Device, RegistryChange, RegistryEvent};
 
-use super::{LakeRow, MergeSpec, TableWrite, string_list, strings, timestamps, ts};
+use super::{LakeRow, MergeSpec, TableWrite, named_batch, string_list, strings, timestamps, ts};
 
 /// The latest state of one device (`None`: deleted).
 #[derive(Debug, Clone, PartialEq)]
@@ -181,22 +181,40 @@ impl LakeRow for DeviceState {
         }
         let mut fields = columns();
         fields.push(Field::new("deleted", DataType::Boolean, false));
-        RecordBatch::try_new(
+        named_batch(
             Arc::new(Schema::new(fields)),
             vec![
-                strings(picked.iter().map(|r| Some(r.tenant.as_str()))),
-                strings(picked.iter().map(|r| Some(r.device.as_str()))),
-                strings(devices.iter().map(|d| d.group.as_deref())),
-                strings(devices.iter().map(|d| d.model.as_deref())),
-                Arc::new(tags.finish()),
-                Arc::new(metrics.finish()),
-                Arc::new(site.finish()),
-                Arc::new(enabled.finish()),
-                strings(devices.iter().map(|d| d.subject.as_deref())),
-                Arc::new(history.finish()),
-                timestamps(devices.iter().map(|d| d.created_at)),
-                timestamps(devices.iter().map(|d| d.updated_at)),
-                Arc::new(deleted.finish()),
+                (
+                    "tenant",
+                    strings(picked.iter().map(|r| Some(r.tenant.as_str()))),
+                ),
+                (
+                    "device",
+                    strings(picked.iter().map(|r| Some(r.device.as_str()))),
+                ),
+                (
+                    "device_group",
+                    strings(devices.iter().map(|d| d.group.as_deref())),
+                ),
+                ("model", strings(devices.iter().map(|d| d.model.as_deref()))),
+                ("tags", Arc::new(tags.finish())),
+                ("metrics", Arc::new(metrics.finish())),
+                ("site", Arc::new(site.finish())),
+                ("enabled", Arc::new(enabled.finish())),
+                (
+                    "subject",
+                    strings(devices.iter().map(|d| d.subject.as_deref())),
+                ),
+                ("subject_history", Arc::new(history.finish())),
+                (
+                    "created_at",
+                    timestamps(devices.iter().map(|d| d.created_at)),
+                ),
+                (
+                    "updated_at",
+                    timestamps(devices.iter().map(|d| d.updated_at)),
+                ),
+                ("deleted", Arc::new(deleted.finish())),
             ],
         )
     }

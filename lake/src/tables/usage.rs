@@ -14,7 +14,9 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use tributary_schemas::{Micros, RawEnvelope, Source};
 
-use super::{LakeRow, MergeSpec, TableWrite, days, i64s, non_empty, strings, timestamps, ts};
+use super::{
+    LakeRow, MergeSpec, TableWrite, days, i64s, named_batch, non_empty, strings, timestamps, ts,
+};
 
 const HOUR_MICROS: Micros = 3_600_000_000;
 
@@ -87,15 +89,15 @@ impl LakeRow for UsageEvent {
             t.0 += 1;
             t.1 += r.bytes;
         }
-        RecordBatch::try_new(
+        named_batch(
             Self::arrow_schema(),
             vec![
-                strings(totals.keys().map(|k| non_empty(k.0))),
-                strings(totals.keys().map(|k| Some(k.1))),
-                timestamps(totals.keys().map(|k| k.2)),
-                i64s(totals.values().map(|v| v.0)),
-                i64s(totals.values().map(|v| v.1)),
-                days(totals.keys().map(|k| k.2)),
+                ("tenant", strings(totals.keys().map(|k| non_empty(k.0)))),
+                ("device", strings(totals.keys().map(|k| Some(k.1)))),
+                ("hour", timestamps(totals.keys().map(|k| k.2))),
+                ("events", i64s(totals.values().map(|v| v.0))),
+                ("bytes", i64s(totals.values().map(|v| v.1))),
+                ("day", days(totals.keys().map(|k| k.2))),
             ],
         )
     }

@@ -2,8 +2,8 @@
 //! per (device, metric, detector).
 //!
 //! ```text
-//! cargo bench --bench anomalies                    # 1 000 000 readings of 10 000 series; 1 000 000 series of state
-//! cargo bench --bench anomalies -- 200000 2000 100000   # readings, series, state series
+//! cargo bench -p tributary-streams --bench anomalies     # 1 000 000 readings of 10 000 series; 1 000 000 series of state
+//! cargo bench -p tributary-streams --bench anomalies -- 200000 2000 100000   # readings, series, state series
 //! ```
 //!
 //! Readings are Avro-framed `Reading`s (what the stage consumes from `telemetry`), one metric,
@@ -52,7 +52,8 @@ const T0: i64 = 1_795_000_000_000_000;
 fn reading(i: usize, series: usize) -> Reading {
     let d = i % series;
     let step = (i / series) as i64;
-    let value = 20.0 + ((i * 7919) % 100) as f64 / 100.0 + if i % 5003 == 0 { 30.0 } else { 0.0 };
+    let value =
+        20.0 + ((i * 7919) % 100) as f64 / 100.0 + if i.is_multiple_of(5003) { 30.0 } else { 0.0 };
     Reading {
         tenant: format!("tenant-{}", d % 3),
         device: format!("device-{d:06}"),
@@ -122,7 +123,7 @@ fn main() {
             .reading(0, i as i64, reading.event_time, &reading, "telemetry")
             .len();
         // The live stage writes the changelog after each batch (2000 records by default).
-        if i % 2000 == 1999 {
+        if (i + 1).is_multiple_of(2000) {
             changelog_bytes += detection
                 .changelog()
                 .expect("changelog")
@@ -153,7 +154,7 @@ fn main() {
     for i in 0..state_series * 2 {
         let r = reading(i, state_series);
         detection.reading(0, i as i64, r.event_time, &r, "telemetry");
-        if i % 2000 == 1999 {
+        if (i + 1).is_multiple_of(2000) {
             detection.changelog().expect("changelog");
         }
     }
