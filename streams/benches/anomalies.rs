@@ -9,7 +9,9 @@
 //! Readings are Avro-framed `Reading`s (what the stage consumes from `telemetry`), one metric,
 //! watched by four detectors (threshold with hysteresis, spike, rate of change, heartbeat) as
 //! `Detection::reading` runs them in the live stage (state lookup, detection, lifecycle, anomaly
-//! records, the partition clock's sweeps). Baseline: decoding the same records, nothing else.
+//! records, the partition clock's sweeps) and the state changelog at each commit (every
+//! `runtime::COMMIT_EVERY` of wall time, as the stage). Baseline: decoding the same records,
+//! nothing else.
 //! State: the heap bytes (counted by the allocator) and the changelog bytes of one series under
 //! one spike detector, at scale.
 
@@ -21,6 +23,7 @@ use std::time::Instant;
 use tributary_schemas::Reading;
 use tributary_schemas::avro::{decode, encode};
 use tributary_streams::anomaly::{AnomalyConfig, Detection};
+use tributary_streams::runtime::COMMIT_EVERY;
 
 /// Counts live heap bytes.
 struct Counting;
@@ -117,21 +120,27 @@ fn main() {
     let started = Instant::now();
     let mut anomalies = 0usize;
     let mut changelog_bytes = 0usize;
+    let mut committed = Instant::now();
+    let flush = |detection: &mut Detection| {
+        detection
+            .changelog()
+            .expect("changelog")
+            .iter()
+            .map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len))
+            .sum::<usize>()
+    };
     for (i, r) in records.iter().enumerate() {
         let reading = decode::<Reading>(r).expect("decode");
         anomalies += detection
             .reading(0, i as i64, reading.event_time, &reading, "telemetry")
             .len();
-        // The live stage writes the changelog after each batch (2000 records by default).
-        if (i + 1).is_multiple_of(2000) {
-            changelog_bytes += detection
-                .changelog()
-                .expect("changelog")
-                .iter()
-                .map(|e| e.key.len() + e.value.as_ref().map_or(0, Vec::len))
-                .sum::<usize>();
+        // The live stage writes the changelog when it commits, every `runtime::COMMIT_EVERY`.
+        if (i + 1).is_multiple_of(1000) && committed.elapsed() >= COMMIT_EVERY {
+            changelog_bytes += flush(&mut detection);
+            committed = Instant::now();
         }
     }
+    changelog_bytes += flush(&mut detection);
     let detect = started.elapsed();
     let rate = |d: std::time::Duration| readings as f64 / d.as_secs_f64();
     println!(

@@ -11,8 +11,8 @@
 //!   anomalies, …). Per batch: restore the state of newly assigned partitions, process each record
 //!   under [`containment`] (a panic is an error of that record; after
 //!   [`containment::MAX_ATTEMPTS`] the stage's [`Stage::give_up`] dead-letters it), emit the
-//!   outputs and wait for Kafka's acks, then write the state's changelog ([`Stage::checkpoint`])
-//!   and wait again, and only then commit the input offsets.
+//!   outputs and wait for Kafka's acks; every [`Batching::commit_every`], write the state's
+//!   changelog ([`Stage::checkpoint`]) and wait again, and only then commit the input offsets.
 //!
 //! That order is what makes restored state consistent with the committed offsets. Outputs are at
 //! least once (after a crash the records since the last commit are processed again and their
@@ -282,8 +282,9 @@ pub trait Stage: Send {
     /// Between batches: e.g. apply a changed catalog.
     fn refresh(&mut self) {}
 
-    /// After a batch's outputs were acknowledged, before its offsets are committed: the state's
-    /// changelog records ([`KeyedState::changelog`]).
+    /// Before the input offsets are committed (every [`Batching::commit_every`], after the
+    /// outputs of every batch since were acknowledged): the state's changelog records
+    /// ([`KeyedState::changelog`]).
     fn checkpoint(&mut self) -> Result<Vec<Emit>, StreamError> {
         Ok(Vec::new())
     }
@@ -294,18 +295,26 @@ pub trait Stage: Send {
     }
 }
 
-/// How a stage batches: at most `size` records or `wait` after the first.
+/// How a stage batches: at most `size` records or `wait` after the first; the outputs of each
+/// batch are acknowledged before the next, the state changelog and the input offsets are written
+/// at most every `commit_every` (a key changed many times in between is written once).
 #[derive(Debug, Clone, Copy)]
 pub struct Batching {
     pub size: usize,
     pub wait: Duration,
+    pub commit_every: Duration,
 }
+
+/// How often a stage commits by default (and writes its changelog): Kafka Streams' default is
+/// 30 s; a shorter one replays less after a crash.
+pub const COMMIT_EVERY: Duration = Duration::from_secs(1);
 
 impl Batching {
     pub fn new(size: usize, wait_ms: u64) -> Self {
         Self {
             size,
             wait: Duration::from_millis(wait_ms),
+            commit_every: COMMIT_EVERY,
         }
     }
 }
@@ -360,15 +369,18 @@ pub async fn run<S: Stage>(
     consumer.subscribe()?;
     tracing::info!(stage = S::NAME, input = %input, "stage started");
     let mut restored: BTreeSet<i32> = BTreeSet::new();
+    // Next offsets processed since the last commit, and when that was.
+    let mut next_offsets: HashMap<i32, i64> = HashMap::new();
+    let mut committed = Instant::now();
+    let mut count = 0usize;
     loop {
         stage.refresh();
         let started = Instant::now();
         let mut deliveries = Vec::new();
-        let mut next_offsets: HashMap<i32, i64> = HashMap::new();
-        let mut count = 0usize;
-        while count < batching.size {
+        let mut in_batch = 0usize;
+        while in_batch < batching.size {
             let left = batching.wait.saturating_sub(started.elapsed());
-            if left.is_zero() && count > 0 {
+            if left.is_zero() && in_batch > 0 {
                 break;
             }
             let polled = consumer.poll(left).await;
@@ -378,7 +390,7 @@ pub async fn run<S: Stage>(
                 next_offsets.remove(&p);
             }
             let Some(msg) = polled.record else {
-                if count > 0 {
+                if in_batch > 0 {
                     break;
                 }
                 consumer.check_orphaned()?;
@@ -388,7 +400,10 @@ pub async fn run<S: Stage>(
                     }
                 }
                 stage.refresh();
-                if !deliveries.is_empty() {
+                // Timer outputs to send, or a commit due for what was processed before the quiet.
+                let commit_due =
+                    !next_offsets.is_empty() && committed.elapsed() >= batching.commit_every;
+                if !deliveries.is_empty() || commit_due {
                     break;
                 }
                 continue;
@@ -425,11 +440,16 @@ pub async fn run<S: Stage>(
                 deliveries.push(send(&producer, emit).await?);
             }
             next_offsets.insert(partition, offset + 1);
+            in_batch += 1;
             count += 1;
         }
         for d in deliveries {
             kafka::delivered(d).await?;
         }
+        if committed.elapsed() < batching.commit_every {
+            continue;
+        }
+        committed = Instant::now();
         let mut changelog = Vec::new();
         for emit in stage.checkpoint()? {
             changelog.push(send(&producer, &emit).await?);
@@ -443,7 +463,9 @@ pub async fn run<S: Stage>(
                 // changelog tells it what its state already holds.
                 tracing::warn!(stage = S::NAME, error = %e, "offset commit failed");
             }
-            tracing::debug!(stage = S::NAME, records = count, offsets = ?next_offsets, summary = %stage.summary(), "batch committed");
+            tracing::debug!(stage = S::NAME, records = count, offsets = ?next_offsets, summary = %stage.summary(), "committed");
+            next_offsets.clear();
+            count = 0;
         }
     }
 }
