@@ -16,6 +16,7 @@ use tributary_schemas::{Micros, Reading};
 use tributary_streams::anomaly::{AnomalyConfig, Detection};
 
 use crate::config::Config;
+use crate::deadletters::quote;
 
 #[derive(clap::Args)]
 pub struct BacktestArgs {
@@ -51,10 +52,6 @@ enum BacktestFormat {
     /// One JSON object per anomaly.
     Jsonl,
     Csv,
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 fn time(s: &str, flag: &str) -> anyhow::Result<String> {

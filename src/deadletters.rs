@@ -71,7 +71,8 @@ pub struct Filter {
     since: Option<String>,
 }
 
-fn quote(s: &str) -> String {
+/// A SQL string literal.
+pub(crate) fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 

@@ -7,12 +7,11 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Stack, kill, mqtt_publish, post, wait_until};
+use support::{Stack, kill, mqtt_publish, post, python, repo, wait_until};
 
 const DETECTORS: &str = r#"
 clock_grace_secs = 10
@@ -136,18 +135,6 @@ fn expected_kinds() -> Vec<&'static str> {
     ];
     k.sort();
     k
-}
-
-fn python() -> PathBuf {
-    std::env::var_os("TRIBUTARY_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tributary/venv/bin/python")
-        })
-}
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 /// The table's open records, by device, kind and start; none while the table does not exist.

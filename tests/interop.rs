@@ -10,18 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{ADMIN_TOKEN, Stack, field, finish_simulator, kill, request, wait_until};
+use support::{ADMIN_TOKEN, Stack, field, finish_simulator, kill, python, request, wait_until};
 use tributary_lake::tables::TABLES;
-
-/// The Python with `deltalake`, `polars` and `pyarrow`: `$TRIBUTARY_PYTHON`, or install.sh's venv.
-fn python() -> PathBuf {
-    match std::env::var_os("TRIBUTARY_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tributary/venv/bin/python")
-        }
-    }
-}
 
 #[test]
 fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {

@@ -24,6 +24,13 @@ pub use topics::Topics;
 /// Microseconds since the Unix epoch, UTC: the one timestamp unit of every topic and table.
 pub type Micros = i64;
 
+/// Whole seconds (a config value) in [`Micros`], saturating.
+pub fn micros_of_secs(secs: u64) -> Micros {
+    i64::try_from(secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1_000_000)
+}
+
 /// Now, in [`Micros`].
 pub fn now_micros() -> Micros {
     chrono::Utc::now().timestamp_micros()

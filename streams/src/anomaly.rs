@@ -30,7 +30,7 @@ use tributary_schemas::detectors::{
     Detector, DetectorCatalog, DetectorError, DetectorSpec, TenantDetectors,
 };
 use tributary_schemas::kafka::KafkaConfig;
-use tributary_schemas::{DeadLetter, Micros, Reading};
+use tributary_schemas::{DeadLetter, Micros, Reading, micros_of_secs};
 
 use crate::StreamError;
 use crate::containment::STAGE_FAILURE;
@@ -170,8 +170,8 @@ impl Detection {
             catalog,
             state: KeyedState::new(changelog),
             clocks: HashMap::new(),
-            grace: micros(config.clock_grace_secs),
-            sweep: micros(config.sweep_secs).max(1_000_000),
+            grace: micros_of_secs(config.clock_grace_secs),
+            sweep: micros_of_secs(config.sweep_secs).max(1_000_000),
             readings: 0,
             anomalies: 0,
         }
@@ -357,12 +357,6 @@ impl Detection {
     pub fn series(&self, partition: i32) -> usize {
         self.state.len(partition)
     }
-}
-
-fn micros(secs: u64) -> Micros {
-    i64::try_from(secs)
-        .unwrap_or(i64::MAX / 1_000_000)
-        .saturating_mul(1_000_000)
 }
 
 /// The anomaly stage: one member of the `<prefix>-anomalies` consumer group.

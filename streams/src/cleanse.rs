@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 use tributary_schemas::avro::decode;
 use tributary_schemas::kafka::{self, KafkaConfig};
 use tributary_schemas::payload::{self, Measurement, parse_message};
-use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, Source, now_micros};
+use tributary_schemas::{
+    DeadLetter, Micros, RawEnvelope, Reading, Source, micros_of_secs, now_micros,
+};
 
 use crate::StreamError;
 use crate::containment::{self, STAGE_FAILURE};
@@ -184,8 +186,8 @@ impl Cleanser {
     pub fn new(config: &CleanseConfig) -> Result<Self, CatalogError> {
         Ok(Self {
             catalog: Arc::new(config.catalog()?),
-            horizon: micros(config.dedup_horizon_secs),
-            conflict_horizon: micros(config.conflict_horizon_secs),
+            horizon: micros_of_secs(config.dedup_horizon_secs),
+            conflict_horizon: micros_of_secs(config.conflict_horizon_secs),
             max_entries: config.dedup_max_entries,
             partitions: HashMap::new(),
             counts: CleanseCounts::default(),
@@ -538,13 +540,6 @@ type Refusal = (&'static str, String, String);
 /// The rule of a reading refused for another value of an accepted (device, metric, event time).
 pub const CONFLICTING_READING: &str = "conflicting_reading";
 
-/// Seconds of config as [`Micros`], saturating (a config value never overflows a rule).
-fn micros(secs: u64) -> Micros {
-    i64::try_from(secs)
-        .unwrap_or(i64::MAX)
-        .saturating_mul(1_000_000)
-}
-
 /// A time span for a reason: `1234 s`.
 fn span(us: Micros) -> String {
     format!("{:.0} s", us as f64 / SECOND)
@@ -657,7 +652,7 @@ fn check(
         }
     }
     let ahead = m.time.saturating_sub(e.received_at);
-    if ahead > micros(policy.clock_skew_secs) {
+    if ahead > micros_of_secs(policy.clock_skew_secs) {
         return Err((
             "future_event_time",
             fields.time.clone(),
@@ -669,7 +664,7 @@ fn check(
         ));
     }
     let age = e.received_at.saturating_sub(m.time);
-    if age > micros(policy.max_age_secs) {
+    if age > micros_of_secs(policy.max_age_secs) {
         return Err((
             "too_old",
             fields.time.clone(),
@@ -681,8 +676,11 @@ fn check(
         ));
     }
     let behind = watermark.map_or(0, |w| w.saturating_sub(m.time));
-    let late = behind > micros(policy.allowed_lateness_secs);
-    if late && policy.late_data == LateData::Reject && behind > micros(policy.max_lateness_secs) {
+    let late = behind > micros_of_secs(policy.allowed_lateness_secs);
+    if late
+        && policy.late_data == LateData::Reject
+        && behind > micros_of_secs(policy.max_lateness_secs)
+    {
         return Err((
             "late_event",
             fields.time.clone(),
@@ -912,7 +910,7 @@ impl CleanseStage {
             base: self.config.catalog_base(),
             overrides: self.overrides.clone(),
             generation: u64::MAX,
-            horizon: micros(self.config.dedup_horizon_secs),
+            horizon: micros_of_secs(self.config.dedup_horizon_secs),
             input: topics.raw.clone(),
             telemetry: Arc::from(topics.telemetry.as_str()),
             deadletter: Arc::from(topics.deadletter.as_str()),

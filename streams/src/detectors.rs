@@ -376,24 +376,12 @@ pub fn evaluate(
             if !slope.is_finite() || !now.is_finite() {
                 return Verdict::NoNews;
             }
-            let towards = (limit - now) * slope > 0.0 || (limit - now) == 0.0;
-            let side = limit - now;
-            let counts = match direction {
-                Direction::Down => side <= 0.0 || slope < 0.0,
-                Direction::Up => side >= 0.0 || slope > 0.0,
-                Direction::Both => true,
-            };
-            let crossed = match direction {
-                Direction::Down => now <= *limit,
-                Direction::Up => now >= *limit,
-                Direction::Both => false,
-            };
-            let eta = if crossed {
-                Some(0.0)
-            } else if towards && counts && slope != 0.0 {
-                Some(side / slope)
-            } else {
-                None
+            // Seconds until the trend reaches the limit: 0 once past it on the watched side,
+            // none while it moves away (or does not move).
+            let eta = match direction {
+                Direction::Down if now <= *limit => Some(0.0),
+                Direction::Up if now >= *limit => Some(0.0),
+                _ => Some((limit - now) / slope).filter(|e| e.is_finite() && *e >= 0.0),
             };
             match eta {
                 Some(eta) if eta <= secs(*horizon) => {

@@ -26,8 +26,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn repo() -> PathBuf {
+/// The repository's root.
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python of install.sh's venv (deltalake, polars, pyarrow, confluent-kafka, fastavro):
+/// `$TRIBUTARY_PYTHON`, or `~/.cache/tributary/venv`.
+pub fn python() -> PathBuf {
+    std::env::var_os("TRIBUTARY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/tributary/venv/bin/python")
+        })
 }
 
 /// A running stack and the configuration pointing at it.
