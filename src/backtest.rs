@@ -1,5 +1,6 @@
-//! `tributary anomalies backtest`: a detector catalog (the configured one, or a file) run over
-//! readings from the lake's `telemetry` table or from a file, with the live stage's code
+//! `tributary anomalies backtest`: a detector catalog (the live one: the config file's with the
+//! tenants' API entries over it; or a file) run over readings from the lake's `telemetry` table or
+//! from a file, with the live stage's code
 //! ([`tributary_streams::anomaly::Detection`]), printing what would have fired.
 
 use std::collections::BTreeMap;
@@ -11,7 +12,9 @@ use anyhow::{Context, bail};
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, TimestampMicrosecondType};
 use tributary_query::SqlEngine;
+use tributary_registry::follower;
 use tributary_schemas::avro::{Anomaly, AnomalyState};
+use tributary_schemas::detectors::{DetectorCatalog, DetectorOverrides};
 use tributary_schemas::{Micros, Reading};
 use tributary_streams::anomaly::{AnomalyConfig, Detection};
 
@@ -21,7 +24,7 @@ use crate::deadletters::quote;
 #[derive(clap::Args)]
 pub struct BacktestArgs {
     /// A detector catalog: a TOML file shaped like the `[anomalies]` section (`[detectors.<name>]`,
-    /// `[tenants.<tenant>.detectors.<name>]`). Default: the configured one.
+    /// `[tenants.<tenant>.detectors.<name>]`). Default: the live one (config file and admin API).
     #[arg(long)]
     detectors: Option<PathBuf>,
     /// Readings from a file instead of the `telemetry` table: CSV with the header
@@ -230,6 +233,21 @@ fn fold(records: Vec<Anomaly>) -> Vec<Fired> {
         .collect()
 }
 
+/// The detector catalog in effect now: the config file's, with the tenants' API entries (read
+/// from `detector-catalog`) over it.
+pub async fn live_detectors(config: &Config) -> anyhow::Result<DetectorCatalog> {
+    let overrides = Arc::new(DetectorOverrides::default());
+    let follower = follower::follow_detectors(&config.kafka, overrides.clone())
+        .await
+        .context("reading the tenants' detectors (pass --detectors <file> to use a file alone)")?;
+    follower.abort();
+    config
+        .anomalies
+        .base(config.cleanse.metric_names())
+        .compile(&overrides.snapshot())
+        .context("the detector catalog")
+}
+
 pub async fn run(config: &Config, args: BacktestArgs) -> anyhow::Result<()> {
     let anomalies: AnomalyConfig = match &args.detectors {
         Some(path) => {
@@ -239,9 +257,12 @@ pub async fn run(config: &Config, args: BacktestArgs) -> anyhow::Result<()> {
         }
         None => config.anomalies.clone(),
     };
-    let catalog = anomalies
-        .catalog(config.cleanse.metric_names().as_ref())
-        .context("the detector catalog")?;
+    let catalog = match &args.detectors {
+        Some(_) => anomalies
+            .catalog(config.cleanse.metric_names().as_ref())
+            .context("the detector catalog")?,
+        None => live_detectors(config).await?,
+    };
     if catalog.is_empty() {
         bail!("no detectors: configure `[anomalies.detectors]` or pass --detectors <file>");
     }

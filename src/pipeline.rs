@@ -10,6 +10,9 @@
 //!                                                 │   Mosquitto's password file)
 //!                                                 └─▶ lake (Delta table `devices`)
 //! admins ─HTTP─▶ http (/v1/tenants/{t}/catalog) ─▶ catalog ─▶ the metric catalog of cleanse
+//! admins ─HTTP─▶ http (/v1/tenants/{t}/detectors) ─▶ detector-catalog ─▶ the detectors of anomalies
+//!
+//! telemetry ─▶ anomalies ─▶ anomalies (topic: alerting consumers) ─▶ lake (Delta table `anomalies`)
 //!
 //! telemetry ─▶ timeseries ─line protocol─▶ InfluxDB 2/3 or VictoriaMetrics (tags from registry)
 //!
@@ -37,11 +40,13 @@ use tributary_query::http::SqlHttp;
 use tributary_query::pg::PgServer;
 use tributary_registry::api::RegistryApi;
 use tributary_registry::catalog::CatalogWriter;
+use tributary_registry::detectors::DetectorWriter;
 use tributary_registry::follower;
 use tributary_registry::self_registration::SelfRegistration;
 use tributary_registry::writer::RegistryWriter;
 use tributary_schemas::avro::Anomaly;
 use tributary_schemas::catalog::CatalogOverrides;
+use tributary_schemas::detectors::DetectorOverrides;
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::StreamError;
@@ -101,6 +106,19 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             Ok("catalog follower")
         });
     }
+    // Tenants' detectors set through the API: the admin API (http) and the anomaly stage.
+    let detectors = Arc::new(DetectorOverrides::default());
+    if stage.includes(Stage::Http) || stage.includes(Stage::Anomalies) {
+        let follower = follower::follow_detectors(&config.kafka, detectors.clone())
+            .await
+            .context("loading the tenants' detectors from their topic")?;
+        tasks.spawn(async move {
+            follower.await?;
+            Ok("detector follower")
+        });
+    }
+    // The config file's detectors (checked with the config), under the API's.
+    let detector_base = config.anomalies.base(config.cleanse.metric_names());
     let timeseries = stage.includes(Stage::Timeseries) && config.timeseries.enabled();
     if stage.0.contains(&Stage::Timeseries) && !config.timeseries.enabled() {
         anyhow::bail!("stage timeseries needs a store: set `timeseries.url`");
@@ -152,9 +170,15 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
                 config.cleanse.catalog_base(),
                 catalogs.clone(),
             )?);
+            let detectors = Arc::new(DetectorWriter::new(
+                &config.kafka,
+                detector_base.clone(),
+                detectors.clone(),
+            )?);
             let admin = RegistryApi::new(
                 writer.clone(),
                 catalog,
+                detectors,
                 config.registry.admin_token.as_deref(),
             );
             let mut http = HttpIngest::new(config.http.clone(), registry.clone(), producer.clone())
@@ -192,25 +216,17 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
         });
     }
     if stage.includes(Stage::Anomalies) {
-        let catalog = config
-            .anomalies
-            .catalog(config.cleanse.metric_names().as_ref())
-            .context("the detector catalog")?;
-        if catalog.is_empty() && !stage.0.contains(&Stage::Anomalies) {
-            tracing::info!(
-                "no detectors configured (`[anomalies.detectors]`): the anomaly stage is not started"
-            );
-        } else {
-            let anomalies = Arc::new(AnomalyStage::new(
-                config.kafka.clone(),
-                config.anomalies.clone(),
-                catalog,
-            ));
-            supervise(&mut tasks, "anomalies", move || {
-                let anomalies = anomalies.clone();
-                async move { Ok(anomalies.run().await?) }
-            });
-        }
+        // With no detector anywhere yet it waits, outside its consumer group, for the first.
+        let anomalies = Arc::new(AnomalyStage::new(
+            config.kafka.clone(),
+            config.anomalies.clone(),
+            detector_base,
+            detectors,
+        ));
+        supervise(&mut tasks, "anomalies", move || {
+            let anomalies = anomalies.clone();
+            async move { Ok(anomalies.run().await?) }
+        });
     }
     if stage.includes(Stage::Query) {
         spawn_query(&mut tasks, &config, stage.0.contains(&Stage::Query))?;

@@ -3,8 +3,14 @@
 //!
 //! This is the event-sourcing promise made checkable: `telemetry` and `deadletter` are the cleanse
 //! stage's outputs over `raw` (same code, same catalog, partitions in log order), `usage` is raw
-//! metering. The check compares the two tables as multisets of rows (every column), restricted for
-//! derived tables to the raw records the rebuild read.
+//! metering, `anomalies` the anomaly stage's outputs over those readings (same code, today's
+//! detector catalog; its clock runs on the readings' event time, and at the end stands where the
+//! live stage's stands after idling until now). The check compares the two tables as multisets of
+//! rows (every column), restricted for derived tables to the raw records the rebuild read; for
+//! `anomalies` over the columns that are functions of the readings alone (ids, lifecycle, who,
+//! what, start and end: not the evidence of records the clock made, nor the telemetry offsets,
+//! which a rebuild from `raw` does not have), over the whole table: check it when the live stage
+//! has caught up and idled for a sweep.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,10 +26,12 @@ use tributary_lake::tables::LakeRow;
 use tributary_lake::tables::usage::UsageEvent;
 use tributary_query::SqlEngine;
 use tributary_registry::follower;
+use tributary_schemas::avro::Anomaly;
 use tributary_schemas::avro::decode;
 use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::kafka::read_to_end;
-use tributary_schemas::{DeadLetter, RawEnvelope, Reading};
+use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, micros_of_secs};
+use tributary_streams::anomaly::Detection;
 use tributary_streams::cleanse::{Cleanser, Output, Position};
 
 use crate::config::Config;
@@ -35,7 +43,113 @@ pub enum Rebuildable {
     Telemetry,
     Deadletter,
     Usage,
+    Anomalies,
 }
+
+/// Turns each raw record into rows of `R`.
+trait Derive<R>: Send + 'static {
+    fn record(&mut self, cleanser: &mut Cleanser, m: &BorrowedMessage<'_>, rows: &mut Vec<R>);
+    /// After the last record.
+    fn finish(&mut self, _rows: &mut Vec<R>) {}
+    /// What the check compares, when not every column of every row: the columns, and the rows
+    /// of both tables (an SQL condition).
+    fn check(&self) -> Option<(&'static [&'static str], String)> {
+        None
+    }
+}
+
+impl<R, F> Derive<R> for F
+where
+    F: FnMut(&mut Cleanser, &BorrowedMessage<'_>, &mut Vec<R>) + Send + 'static,
+{
+    fn record(&mut self, cleanser: &mut Cleanser, m: &BorrowedMessage<'_>, rows: &mut Vec<R>) {
+        self(cleanser, m, rows)
+    }
+}
+
+/// The anomaly stage over the cleansed readings of each raw partition (telemetry partition *p*
+/// holds the readings of raw partition *p*, in that order).
+struct Anomalies {
+    detection: Detection,
+    /// Per partition: readings so far (the offsets the state's changelog positions would be).
+    positions: HashMap<i32, i64>,
+    /// Per partition: the newest reading's event time.
+    newest: HashMap<i32, Micros>,
+    telemetry: String,
+    grace: Micros,
+    sweep: Micros,
+    longest_clear_for: Micros,
+}
+
+impl Derive<Anomaly> for Anomalies {
+    fn record(&mut self, c: &mut Cleanser, m: &BorrowedMessage<'_>, rows: &mut Vec<Anomaly>) {
+        let p = m.partition();
+        let written_at = m
+            .timestamp()
+            .to_millis()
+            .map_or(0, |ms| ms.saturating_mul(1000));
+        for out in c.process(Position::of(m), m.payload().unwrap_or_default()) {
+            let Output::Reading(r) = out else { continue };
+            let position = self.positions.entry(p).or_insert_with(|| {
+                self.detection.start_empty(p);
+                0
+            });
+            let offset = *position;
+            *position += 1;
+            let newest = self.newest.entry(p).or_insert(r.event_time);
+            *newest = (*newest).max(r.event_time);
+            rows.extend(
+                self.detection
+                    .reading(p, offset, written_at, &r, &self.telemetry),
+            );
+        }
+    }
+
+    /// The rows both must hold whenever the live stage's clock ran: anomalies that started
+    /// before the clock stood at `bound` in every partition (the oldest partition's newest
+    /// reading, less the grace and a sweep), and their resolutions by then with room for the
+    /// longest quiet period.
+    fn check(&self) -> Option<(&'static [&'static str], String)> {
+        let oldest = self.newest.values().min().copied().unwrap_or(Micros::MIN);
+        let bound = oldest.saturating_sub(self.grace).saturating_sub(self.sweep);
+        let resolved_by = bound.saturating_sub(self.longest_clear_for);
+        Some((
+            ANOMALY_COLUMNS,
+            format!(
+                "CAST(start_time AS BIGINT) <= {bound} AND (state <> 'resolved' OR CAST(end_time AS BIGINT) <= {resolved_by})"
+            ),
+        ))
+    }
+
+    fn finish(&mut self, rows: &mut Vec<Anomaly>) {
+        let now = tributary_schemas::now_micros();
+        rows.extend(
+            self.detection
+                .idle(now, &self.telemetry)
+                .into_iter()
+                .map(|(_, a)| a),
+        );
+    }
+}
+
+/// The columns of `anomalies` a rebuild must reproduce (see the module doc).
+const ANOMALY_COLUMNS: &[&str] = &[
+    "anomaly_id",
+    "seq",
+    "state",
+    "tenant",
+    "device",
+    "metric",
+    "detector",
+    "kind",
+    "severity",
+    "device_group",
+    "site",
+    "start_time",
+    "end_time",
+    "source_topic",
+    "source_partition",
+];
 
 #[derive(Args)]
 pub struct RebuildArgs {
@@ -69,16 +183,35 @@ pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
             rebuild::<DeadLetter>(config, &args, true, cleansed(pick)).await
         }
         Rebuildable::Usage => {
-            rebuild::<UsageEvent>(config, &args, false, |_, m, rows| {
-                if let Some(row) = m
-                    .payload()
-                    .and_then(|p| decode::<RawEnvelope>(p).ok())
-                    .and_then(UsageEvent::from_record)
-                {
-                    rows.push(row);
-                }
-            })
+            rebuild::<UsageEvent>(
+                config,
+                &args,
+                false,
+                |_: &mut Cleanser, m: &BorrowedMessage<'_>, rows: &mut Vec<UsageEvent>| {
+                    if let Some(row) = m
+                        .payload()
+                        .and_then(|p| decode::<RawEnvelope>(p).ok())
+                        .and_then(UsageEvent::from_record)
+                    {
+                        rows.push(row);
+                    }
+                },
+            )
             .await
+        }
+        Rebuildable::Anomalies => {
+            let catalog = crate::backtest::live_detectors(config).await?;
+            let a = &config.anomalies;
+            let derive = Anomalies {
+                longest_clear_for: catalog.longest_clear_for(),
+                detection: Detection::new(Arc::new(catalog), a, "rebuild-anomaly-state"),
+                positions: HashMap::new(),
+                newest: HashMap::new(),
+                telemetry: config.kafka.topics.telemetry.clone(),
+                grace: micros_of_secs(a.clock_grace_secs),
+                sweep: micros_of_secs(a.sweep_secs.max(1)),
+            };
+            rebuild::<Anomaly>(config, &args, false, derive).await
         }
     }
 }
@@ -100,7 +233,7 @@ async fn rebuild<R: LakeRow>(
     config: &Config,
     args: &RebuildArgs,
     derived: bool,
-    mut derive: impl FnMut(&mut Cleanser, &BorrowedMessage<'_>, &mut Vec<R>) + Send + 'static,
+    mut derive: impl Derive<R>,
 ) -> anyhow::Result<()> {
     let into = args
         .into
@@ -132,7 +265,7 @@ async fn rebuild<R: LakeRow>(
         let mut records = 0u64;
         let mut progress = Progress::new("read raw", None);
         let ends = read_to_end(&consumer, &kafka.topics.raw, |m| {
-            derive(&mut cleanser, m, &mut rows);
+            derive.record(&mut cleanser, m, &mut rows);
             records += 1;
             progress.add(1);
             if rows.len() >= commit_rows {
@@ -140,9 +273,10 @@ async fn rebuild<R: LakeRow>(
                 let _ = tx.blocking_send(std::mem::take(&mut rows));
             }
         })?;
+        derive.finish(&mut rows);
         let _ = tx.blocking_send(rows);
         progress.finish();
-        anyhow::Ok((ends, records))
+        anyhow::Ok((ends, records, derive.check()))
     });
     let mut written = 0usize;
     let mut commits = 0usize;
@@ -156,7 +290,7 @@ async fn rebuild<R: LakeRow>(
         written += chunk.len();
         commits += 1;
     }
-    let (ends, records) = reader.await.context("raw reader")??;
+    let (ends, records, check) = reader.await.context("raw reader")??;
     println!(
         "rebuilt `{into}` from `{}`: {records} raw records → {written} rows in {commits} commits",
         config.kafka.topics.raw
@@ -164,12 +298,25 @@ async fn rebuild<R: LakeRow>(
     if !args.check {
         return Ok(());
     }
-    let scope = if derived {
-        derived_scope::<R>(&config.kafka.topics.raw, &ends)
-    } else {
-        "TRUE".to_owned()
+    let all: Vec<String> = R::arrow_schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let (columns, live_scope, rebuilt_scope) = match check {
+        Some((columns, scope)) => {
+            println!("check: over {} where {scope}", columns.join(", "));
+            let columns = columns.iter().map(|c| (*c).to_owned()).collect();
+            (columns, scope.clone(), scope)
+        }
+        None if derived => (
+            all,
+            derived_scope::<R>(&config.kafka.topics.raw, &ends),
+            "TRUE".to_owned(),
+        ),
+        None => (all, "TRUE".to_owned(), "TRUE".to_owned()),
     };
-    let diff = compare::<R>(config, &into, &scope).await?;
+    let diff = compare::<R>(config, &into, (&live_scope, &rebuilt_scope), &columns).await?;
     println!(
         "check: live `{}` ({} rows in scope) vs `{into}` ({} rows): {} distinct rows (with their copies) only in the live table, {} only in the rebuild",
         R::TABLE,
@@ -214,22 +361,19 @@ struct Difference {
     only_rebuilt: i64,
 }
 
-/// Compares the live table (rows in `scope`) with `rebuilt` as multisets over every column.
+/// Compares the live table with `rebuilt` (rows in their `scopes`) as multisets over `columns`.
 async fn compare<R: LakeRow>(
     config: &Config,
     rebuilt: &str,
-    scope: &str,
+    (scope, rebuilt_scope): (&str, &str),
+    columns: &[String],
 ) -> anyhow::Result<Difference> {
     let mut engine = SqlEngine::over_lake(&config.lake).await?;
     if !engine.register(&config.lake, rebuilt).await? {
         bail!("the rebuilt table `{rebuilt}` cannot be read");
     }
     let live = R::TABLE;
-    let columns: Vec<String> = R::arrow_schema()
-        .fields()
-        .iter()
-        .map(|f| format!("\"{}\"", f.name()))
-        .collect();
+    let columns: Vec<String> = columns.iter().map(|c| format!("\"{c}\"")).collect();
     let columns = columns.join(", ");
     let counted = |table: &str, filter: &str| {
         format!(
@@ -248,10 +392,13 @@ async fn compare<R: LakeRow>(
             )
         }
     };
-    let (a, b) = (counted(live, scope), counted(rebuilt, "TRUE"));
+    let (a, b) = (counted(live, scope), counted(rebuilt, rebuilt_scope));
     Ok(Difference {
         live: count(format!("SELECT count(*) FROM \"{live}\" WHERE {scope}")).await?,
-        rebuilt: count(format!("SELECT count(*) FROM \"{rebuilt}\"")).await?,
+        rebuilt: count(format!(
+            "SELECT count(*) FROM \"{rebuilt}\" WHERE {rebuilt_scope}"
+        ))
+        .await?,
         only_live: count(format!("SELECT count(*) FROM ({a} EXCEPT {b})")).await?,
         only_rebuilt: count(format!("SELECT count(*) FROM ({b} EXCEPT {a})")).await?,
     })

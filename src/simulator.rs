@@ -3,7 +3,9 @@
 //! device sends on one channel (give two simulators running at once different `--first-device`s)
 //! and its event times strictly increase (one millisecond apart at least), so no two of its
 //! readings of a metric share an instant. It keeps exact count of what the lake
-//! should end up holding and prints it as JSON, so a run can be checked end to end.
+//! should end up holding and prints it as JSON, so a run can be checked end to end. With
+//! `--anomalies` it sends a labelled fleet instead (`tributary_streams::labelled`): anomalies of
+//! every detector kind at known event times, backfilled, with the labels written to a file.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +20,8 @@ use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde::Serialize;
 use serde_json::json;
+
+use tributary_streams::labelled::{LabelledFleet, METRICS};
 
 use crate::config::Config;
 use crate::devices::{DeviceSecret, load_secrets};
@@ -61,9 +65,23 @@ pub struct SimulateArgs {
     /// HTTP requests in flight at once.
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
-    /// Random seed (values, which messages are malformed or duplicated).
+    /// Random seed (values, which messages are malformed or duplicated; where labelled anomalies
+    /// go).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Send labelled anomalies of every detector kind (`tributary_streams::labelled`: seven
+    /// metrics per device, episodes at known times) instead of the plain signals: `--duration` of
+    /// event time (an hour at least) ending now, one message per device every `--step`, as fast as `--rate` allows
+    /// (a backfill); no malformed messages or duplicates. The labels go to `--labels`.
+    #[arg(long)]
+    pub anomalies: bool,
+    /// With `--anomalies`: event time between a device's messages, e.g. 10s.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub step: Duration,
+    /// With `--anomalies`: write the labels here (JSON lines: device, metric, kind, start, end in
+    /// RFC 3339).
+    #[arg(long)]
+    pub labels: Option<std::path::PathBuf>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -199,6 +217,111 @@ impl Generator {
     }
 }
 
+/// Where the messages come from, in sending order: the device's index and its message.
+enum MessageSource {
+    /// The plain signals: `per_device` messages of a device (an HTTP batch), then the next one.
+    Plain {
+        generator: Generator,
+        per_device: usize,
+        i: usize,
+    },
+    /// The labelled fleet, in event-time order (HTTP: `per_device` steps of a device at a time).
+    Labelled {
+        fleet: LabelledFleet,
+        order: Vec<(usize, u64)>,
+        next: usize,
+        run_id: String,
+    },
+}
+
+impl MessageSource {
+    fn labelled(fleet: LabelledFleet, per_device: usize, run_id: String) -> Self {
+        let per_device = per_device.max(1) as u64;
+        let mut order: Vec<(usize, u64)> = (0..fleet.steps())
+            .flat_map(|i| (0..fleet.devices()).map(move |d| (d, i)))
+            .filter(|&(d, i)| fleet.sample(d, i).is_some())
+            .collect();
+        order.sort_by_key(|&(d, i)| (i / per_device, d, i));
+        Self::Labelled {
+            fleet,
+            order,
+            next: 0,
+            run_id,
+        }
+    }
+
+    /// The next message, or `None` when `done` (plain) or the fleet has sent all (labelled).
+    fn next(
+        &mut self,
+        devices: &mut [DeviceModel],
+        done: bool,
+    ) -> Option<(usize, Vec<u8>, Option<Generated>)> {
+        match self {
+            Self::Plain {
+                generator,
+                per_device,
+                i,
+            } => {
+                if done {
+                    return None;
+                }
+                let k = (*i / (*per_device).max(1)) % devices.len();
+                *i += 1;
+                let (body, g) = generator.next(&mut devices[k]);
+                Some((k, body, g))
+            }
+            Self::Labelled {
+                fleet,
+                order,
+                next,
+                run_id,
+            } => {
+                let &(d, i) = order.get(*next)?;
+                *next += 1;
+                let (t, values) = fleet.sample(d, i)?;
+                let time = chrono::DateTime::from_timestamp_micros(t)
+                    .unwrap_or_default()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let metrics: serde_json::Map<String, serde_json::Value> = METRICS
+                    .iter()
+                    .zip(values)
+                    .map(|(m, v)| ((*m).to_owned(), json!((v * 1000.0).round() / 1000.0)))
+                    .collect();
+                let body = json!({"id": format!("{run_id}-{}-{i}", fleet.device(d)), "time": time, "metrics": metrics});
+                let body = body.to_string().into_bytes();
+                let g = Generated {
+                    body: body.clone(),
+                    readings: METRICS.len() as u64,
+                    dead_letters: 0,
+                    malformed: false,
+                };
+                Some((d, body, Some(g)))
+            }
+        }
+    }
+}
+
+/// Writes the fleet's labels as JSON lines.
+fn write_labels(fleet: &LabelledFleet, path: &std::path::Path) -> anyhow::Result<()> {
+    let rfc3339 = |t: i64| {
+        chrono::DateTime::from_timestamp_micros(t)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    let mut out = String::new();
+    for l in fleet.labels() {
+        out.push_str(&serde_json::to_string(&json!({
+            "device": l.device,
+            "metric": l.metric,
+            "kind": l.kind.as_str(),
+            "start": rfc3339(l.start),
+            "end": rfc3339(l.end),
+        }))?);
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
 pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
     let secrets = load_secrets(&config.simulator.tokens_path)?;
     anyhow::ensure!(
@@ -226,12 +349,36 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
             last_time: 0,
         })
         .collect();
-    let mut generator = Generator {
-        rng,
-        run_id: run_id.clone(),
-        malformed: args.malformed,
-        duplicates: args.duplicates,
-        allow_bad_json: args.via == Via::Mqtt,
+    let per_device = if args.via == Via::Http { args.batch } else { 1 };
+    let mut source = if args.anomalies {
+        let names: Vec<String> = devices.iter().map(|d| d.secret.device.clone()).collect();
+        // At least an hour: the warm-up and one episode.
+        let secs = args.duration.as_secs().max(3600);
+        let now = tributary_schemas::now_micros();
+        let fleet = LabelledFleet::new(
+            &names,
+            seed,
+            now.saturating_sub(tributary_schemas::micros_of_secs(secs)),
+            secs,
+            args.step.as_secs().max(1),
+        );
+        if let Some(path) = &args.labels {
+            write_labels(&fleet, path)?;
+        }
+        MessageSource::labelled(fleet, per_device, run_id.clone())
+    } else {
+        anyhow::ensure!(args.labels.is_none(), "--labels needs --anomalies");
+        MessageSource::Plain {
+            generator: Generator {
+                rng,
+                run_id: run_id.clone(),
+                malformed: args.malformed,
+                duplicates: args.duplicates,
+                allow_bad_json: args.via == Via::Mqtt,
+            },
+            per_device,
+            i: 0,
+        }
     };
     let mut summary = Summary {
         via: Some(args.via),
@@ -247,7 +394,8 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
         .context("--duration is too long")?;
     let done = |summary: &Summary| match total {
         Some(n) => summary.messages >= n,
-        None => Instant::now() >= deadline,
+        // A labelled run ends when the fleet has sent everything.
+        None => !args.anomalies && Instant::now() >= deadline,
     };
     let mut sent_units = 0u64;
     let pace = |units: u64| {
@@ -264,6 +412,21 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
         None => summary.duplicates += 1,
     };
 
+    // A line every 10 s, so a run that stalls shows where (nothing acked, or only retries).
+    let progress = {
+        let (acked, retries) = (acked.clone(), retries.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                tracing::info!(
+                    acked = acked.load(Ordering::Relaxed),
+                    retries = retries.load(Ordering::Relaxed),
+                    elapsed_secs = started.elapsed().as_secs(),
+                    "simulator progress"
+                );
+            }
+        })
+    };
     match args.via {
         Via::Http => {
             let client = reqwest::Client::builder()
@@ -289,22 +452,33 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
                     anyhow::Ok(())
                 }));
             }
-            let mut i = 0usize;
-            while !done(&summary) {
-                let d = &mut devices[i % args.devices];
-                i += 1;
-                let mut lines = Vec::new();
-                let mut n = 0u64;
-                while n < args.batch.max(1) as u64 && !done(&summary) {
-                    let (body, g) = generator.next(d);
-                    record(&mut summary, &g);
-                    lines.extend_from_slice(&body);
-                    lines.push(b'\n');
-                    n += 1;
+            // One device per request: consecutive messages of one device, up to --batch.
+            let mut carry = None;
+            while let Some((k, body, g)) = carry
+                .take()
+                .or_else(|| source.next(&mut devices, done(&summary)))
+            {
+                record(&mut summary, &g);
+                let mut lines = body;
+                lines.push(b'\n');
+                let mut n = 1u64;
+                while n < args.batch.max(1) as u64 {
+                    match source.next(&mut devices, done(&summary)) {
+                        Some((same, body, g)) if same == k => {
+                            record(&mut summary, &g);
+                            lines.extend_from_slice(&body);
+                            lines.push(b'\n');
+                            n += 1;
+                        }
+                        other => {
+                            carry = other;
+                            break;
+                        }
+                    }
                 }
                 sent_units += n;
                 tokio::time::sleep_until(pace(sent_units).into()).await;
-                tx.send((d.secret.token.clone(), lines, n))
+                tx.send((devices[k].secret.token.clone(), lines, n))
                     .await
                     .context("http workers stopped")?;
             }
@@ -347,19 +521,14 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
                 });
                 clients.push(client);
             }
-            let mut i = 0usize;
             let mut published = 0u64;
-            while !done(&summary) {
-                let k = i % args.devices;
-                i += 1;
-                let d = &mut devices[k];
-                let (body, g) = generator.next(d);
+            while let Some((k, body, g)) = source.next(&mut devices, done(&summary)) {
                 record(&mut summary, &g);
                 sent_units += 1;
                 tokio::time::sleep_until(pace(sent_units).into()).await;
                 clients[k]
                     .publish(
-                        config.mqtt.device_topic(&d.secret.device),
+                        config.mqtt.device_topic(&devices[k].secret.device),
                         QoS::AtLeastOnce,
                         false,
                         body,
@@ -382,6 +551,7 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
             }
         }
     }
+    progress.abort();
     summary.acked = acked.load(Ordering::Relaxed);
     summary.retries = retries.load(Ordering::Relaxed);
     summary.elapsed_secs = started.elapsed().as_secs_f64();
@@ -430,7 +600,10 @@ async fn post_until_accepted(
             Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => return Ok(()),
             Ok(r)
                 if r.status().is_server_error()
-                    || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => {}
+                    || r.status() == reqwest::StatusCode::TOO_MANY_REQUESTS =>
+            {
+                tracing::debug!(status = %r.status(), "ingest asked to retry");
+            }
             Ok(r) => {
                 let status = r.status();
                 let text = r.text().await.unwrap_or_default();

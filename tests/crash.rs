@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Stack, field, finish_simulator, kill, kill_9_while_landing};
+use support::{Stack, field, kill, kill_9_while_landing};
 
 #[test]
 fn kill_9_mid_stream_loses_and_duplicates_nothing() {
@@ -23,8 +23,8 @@ fn kill_9_mid_stream_loses_and_duplicates_nothing() {
         pipeline = stack.spawn_pipeline(round);
     }
 
-    let mqtt = finish_simulator(mqtt);
-    let http = finish_simulator(http);
+    let mqtt = stack.finish_simulator(mqtt);
+    let http = stack.finish_simulator(http);
     let n = field;
     let expected_readings = n(&mqtt, "expected_readings") + n(&http, "expected_readings");
     let expected_dead = n(&mqtt, "expected_dead_letters") + n(&http, "expected_dead_letters");

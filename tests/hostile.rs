@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Stack, field, finish_simulator, kill, post, try_mqtt_publish_as, wait_until};
+use support::{Stack, field, kill, post, try_mqtt_publish_as, wait_until};
 
 const MARKER: &str = "POISON-PILL-14";
 const SENML: &str = "application/senml+json";
@@ -285,7 +285,7 @@ fn hostile_input_never_stops_the_pipeline_and_stores_agree() {
     // Simulators, each device on one channel: the store holds what the lake holds, per series.
     let mqtt = stack.spawn_simulator_on("mqtt", 3, 2, 300, 100);
     let http = stack.spawn_simulator_on("http", 5, 3, 300, 100);
-    let (m, h) = (finish_simulator(mqtt), finish_simulator(http));
+    let (m, h) = (stack.finish_simulator(mqtt), stack.finish_simulator(http));
     let expected = 4 + field(&m, "expected_readings") + field(&h, "expected_readings");
     wait_until("the simulated readings", Duration::from_secs(180), || {
         stack.count("telemetry") >= expected

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
 
-use support::{Stack, field, finish_simulator, kill, kill_9_while_landing, try_mqtt_publish};
+use support::{Stack, field, kill, kill_9_while_landing, try_mqtt_publish};
 
 #[test]
 fn kill_9_of_http_and_mqtt_bridge_loses_nothing() {
@@ -36,8 +36,8 @@ fn kill_9_of_http_and_mqtt_bridge_loses_nothing() {
         stack.wait_http();
     }
 
-    let mqtt = finish_simulator(mqtt);
-    let http = finish_simulator(http);
+    let mqtt = stack.finish_simulator(mqtt);
+    let http = stack.finish_simulator(http);
     let n = field;
     assert!(
         n(&http, "retries") > 0,

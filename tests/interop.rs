@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{ADMIN_TOKEN, Stack, field, finish_simulator, kill, python, request, wait_until};
+use support::{ADMIN_TOKEN, Stack, field, kill, python, request, wait_until};
 use tributary_lake::tables::TABLES;
 
 #[test]
@@ -36,7 +36,7 @@ fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
         .to_string(),
     );
     assert_eq!(status, 201, "{body}");
-    let http = finish_simulator(stack.spawn_simulator("http", 600, 600, "51"));
+    let http = stack.finish_simulator(stack.spawn_simulator("http", 600, 600, "51"));
     stack.assert_rows(
         field(&http, "expected_readings"),
         field(&http, "expected_dead_letters"),

@@ -7,7 +7,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use support::{Stack, field, finish_simulator, kill};
+use support::{Stack, field, kill};
 use tributary_lake::LakeConfig;
 use tributary_lake::delta_sink::open_table;
 
@@ -43,7 +43,7 @@ fn compaction_beside_live_writers_keeps_every_row_exactly_once() {
     let packed = stack.ok(&["optimize", "deadletter"]);
     assert!(packed.starts_with("optimize deadletter: "), "{packed}");
 
-    let http = finish_simulator(http);
+    let http = stack.finish_simulator(http);
     stack.assert_rows(
         field(&http, "expected_readings"),
         field(&http, "expected_dead_letters"),

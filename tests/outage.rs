@@ -18,7 +18,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use support::{Stack, field, finish_simulator, kill};
+use support::{Stack, field, kill};
 use tributary_schemas::Source;
 
 #[test]
@@ -88,8 +88,8 @@ fn broker_outage_of_30_s_loses_no_acknowledged_event() {
     std::thread::sleep(outage.saturating_sub(stopped.elapsed()));
     stack.service("resume", &["tansu"]);
 
-    let mqtt = finish_simulator(mqtt);
-    let http = finish_simulator(http);
+    let mqtt = stack.finish_simulator(mqtt);
+    let http = stack.finish_simulator(http);
     assert!(
         field(&http, "retries") > 0,
         "the HTTP devices should have been told to retry: {http}"

@@ -7,7 +7,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Stack, field, finish_simulator, kill, kill_9_while_landing};
+use support::{Stack, field, kill, kill_9_while_landing};
 
 #[test]
 fn two_sinks_on_s3_commit_concurrently_and_survive_kill_9_exactly_once() {
@@ -32,7 +32,7 @@ fn two_sinks_on_s3_commit_concurrently_and_survive_kill_9_exactly_once() {
     kill_9_while_landing(&stack, &mut b);
     b = lake("lake-b-again", "b");
 
-    let http = finish_simulator(http);
+    let http = stack.finish_simulator(http);
     stack.assert_rows(
         field(&http, "expected_readings"),
         field(&http, "expected_dead_letters"),

@@ -16,8 +16,10 @@ use tributary_ingest::http::{HttpConfig, HttpIngest, OPENAPI};
 use tributary_ingest::producer::RawProducer;
 use tributary_registry::api::RegistryApi;
 use tributary_registry::catalog::CatalogWriter;
+use tributary_registry::detectors::DetectorWriter;
 use tributary_registry::writer::RegistryWriter;
 use tributary_schemas::catalog::CatalogBase;
+use tributary_schemas::detectors::DetectorBase;
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::registry::{Device, DeviceRegistry, token_hash};
 
@@ -39,7 +41,10 @@ fn router(config: HttpConfig) -> axum::Router {
     let catalog = Arc::new(
         CatalogWriter::new(&kafka, CatalogBase::default(), Default::default()).expect("writer"),
     );
-    let admin = RegistryApi::new(writer, catalog, Some("admin-secret"));
+    let detectors = Arc::new(
+        DetectorWriter::new(&kafka, DetectorBase::default(), Default::default()).expect("writer"),
+    );
+    let admin = RegistryApi::new(writer, catalog, detectors, Some("admin-secret"));
     HttpIngest::new(config, registry, producer)
         .with_admin(&admin)
         .router()
@@ -113,6 +118,7 @@ async fn openapi_document_describes_exactly_the_served_routes() {
         "/v1/devices/{id}",
         "/v1/groups",
         "/v1/tenants/{tenant}/catalog",
+        "/v1/tenants/{tenant}/detectors",
     ] {
         assert!(paths.contains_key(served), "{served} is documented");
     }

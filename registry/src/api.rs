@@ -10,6 +10,7 @@
 //! | `DELETE /v1/devices/{id}`  | delete                                                      |
 //! | `GET /v1/groups`           | groups per tenant with their device counts                  |
 //! | `… /v1/tenants/{tenant}/catalog` | a tenant's metric catalog: see [`crate::catalog`]      |
+//! | `… /v1/tenants/{tenant}/detectors` | a tenant's anomaly detectors: see [`crate::detectors`] |
 //!
 //! Every change is recorded on the `registry` topic before the answer (so it survives any crash)
 //! and applied to this process's view at once. Tokens are shown once and stored hashed.
@@ -33,6 +34,7 @@ use tributary_schemas::registry::{
 };
 
 use crate::catalog::{self, CatalogWriter};
+use crate::detectors::{self, DetectorWriter};
 use crate::issue_token;
 use crate::writer::RegistryWriter;
 
@@ -49,6 +51,7 @@ pub struct RegistryApi {
 pub(crate) struct ApiState {
     writer: Arc<RegistryWriter>,
     pub(crate) catalog: Arc<CatalogWriter>,
+    pub(crate) detectors: Arc<DetectorWriter>,
     admin_token_sha256: Option<String>,
 }
 
@@ -56,6 +59,7 @@ impl RegistryApi {
     pub fn new(
         writer: Arc<RegistryWriter>,
         catalog: Arc<CatalogWriter>,
+        detectors: Arc<DetectorWriter>,
         admin_token: Option<&str>,
     ) -> Self {
         if admin_token.is_none() {
@@ -65,6 +69,7 @@ impl RegistryApi {
             state: Arc::new(ApiState {
                 writer,
                 catalog,
+                detectors,
                 admin_token_sha256: admin_token.map(token_hash),
             }),
         }
@@ -85,6 +90,12 @@ impl RegistryApi {
                 get(catalog::get_catalog)
                     .put(catalog::put_catalog)
                     .delete(catalog::delete_catalog),
+            )
+            .route(
+                "/v1/tenants/{tenant}/detectors",
+                get(detectors::get_detectors)
+                    .put(detectors::put_detectors)
+                    .delete(detectors::delete_detectors),
             )
             .with_state(self.state.clone())
     }

@@ -18,21 +18,66 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use rdkafka::producer::FutureProducer;
 use serde_json::json;
+use tributary_schemas::avro::{self, TopicRecord};
 use tributary_schemas::catalog::{CatalogBase, CatalogEvent, CatalogOverrides, TenantCatalog};
 use tributary_schemas::kafka::{self, KafkaConfig};
-use tributary_schemas::{avro, now_micros};
+use tributary_schemas::now_micros;
 
 use crate::RegistryError;
 use crate::api::{Admin, ApiError, ApiState, check_name, parse};
 
-/// The only writer of the `catalog` topic, with this process's view of it.
-pub struct CatalogWriter {
+/// The producer of a compacted per-tenant topic (`catalog`, `detector-catalog`): a change is
+/// answered only once Kafka has it.
+pub(crate) struct TenantTopic {
     producer: FutureProducer,
     topic: String,
+    /// Serialises changes within this process.
+    pub(crate) lock: tokio::sync::Mutex<()>,
+}
+
+impl TenantTopic {
+    pub(crate) fn new(
+        kafka: &KafkaConfig,
+        topic: &str,
+        client: &str,
+    ) -> Result<Self, RegistryError> {
+        Ok(Self {
+            producer: kafka.producer(client).create()?,
+            topic: topic.to_owned(),
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Records `event` under the key `tenant`; on failure the 503 to answer.
+    pub(crate) async fn record<E: TopicRecord>(
+        &self,
+        tenant: &str,
+        event: &E,
+    ) -> Result<(), Response> {
+        let sent = async {
+            let bytes = avro::encode(event)?;
+            let delivery =
+                kafka::enqueue(&self.producer, &self.topic, None, tenant, &bytes).await?;
+            kafka::delivered(delivery).await?;
+            Ok::<_, RegistryError>(())
+        };
+        sent.await.map_err(|e| {
+            tracing::error!(error = %e, %tenant, topic = %self.topic, "change not recorded");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the change could not be recorded; retry",
+            )
+            .retry_after(std::time::Duration::from_secs(1))
+            .into_response()
+        })
+    }
+}
+
+/// The only writer of the `catalog` topic, with this process's view of it.
+pub struct CatalogWriter {
+    topic: TenantTopic,
     base: CatalogBase,
     overrides: Arc<CatalogOverrides>,
-    /// Serialises changes within this process.
-    lock: tokio::sync::Mutex<()>,
 }
 
 impl CatalogWriter {
@@ -44,21 +89,10 @@ impl CatalogWriter {
         overrides: Arc<CatalogOverrides>,
     ) -> Result<Self, RegistryError> {
         Ok(Self {
-            producer: kafka.producer("tributary-catalog").create()?,
-            topic: kafka.topics.catalog.clone(),
+            topic: TenantTopic::new(kafka, &kafka.topics.catalog, "tributary-catalog")?,
             base,
             overrides,
-            lock: tokio::sync::Mutex::new(()),
         })
-    }
-
-    async fn record(&self, event: &CatalogEvent) -> Result<(), RegistryError> {
-        let bytes = avro::encode(event)?;
-        let delivery =
-            kafka::enqueue(&self.producer, &self.topic, None, &event.tenant, &bytes).await?;
-        kafka::delivered(delivery).await?;
-        self.overrides.apply(event);
-        Ok(())
     }
 
     /// The effective catalog of `tenant` as JSON.
@@ -119,7 +153,7 @@ pub(crate) async fn delete_catalog(
 
 async fn change(state: &ApiState, tenant: String, catalog: Option<TenantCatalog>) -> Response {
     let c = &state.catalog;
-    let _guard = c.lock.lock().await;
+    let _guard = c.topic.lock.lock().await;
     let mut overrides = c.overrides.snapshot();
     match &catalog {
         Some(entry) => overrides.insert(tenant.clone(), entry.clone()),
@@ -142,15 +176,10 @@ async fn change(state: &ApiState, tenant: String, catalog: Option<TenantCatalog>
         actor: "admin".into(),
         catalog,
     };
-    if let Err(e) = c.record(&event).await {
-        tracing::error!(error = %e, %tenant, "catalog change not recorded");
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the change could not be recorded; retry",
-        )
-        .retry_after(std::time::Duration::from_secs(1))
-        .into_response();
+    if let Err(answer) = c.topic.record(&tenant, &event).await {
+        return answer;
     }
+    c.overrides.apply(&event);
     tracing::info!(%tenant, "tenant catalog changed");
     axum::Json(c.effective(&tenant, &overrides)).into_response()
 }

@@ -1,5 +1,6 @@
 //! Rebuilds a process's registry view from the `registry` topic and keeps it current (and the same
-//! for the tenants' catalogs set through the API, from the `catalog` topic).
+//! for the tenants' metric catalogs and detectors set through the API, from the `catalog` and
+//! `detector-catalog` topics).
 //!
 //! The follower reads every partition from the beginning, outside any consumer group (every
 //! process needs every device), applies each event in order, and reports ready once it reached the
@@ -12,8 +13,9 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use tributary_schemas::avro;
+use tributary_schemas::avro::{self, TopicRecord};
 use tributary_schemas::catalog::{CatalogEvent, CatalogOverrides};
+use tributary_schemas::detectors::{DetectorEvent, DetectorOverrides};
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::registry::{DeviceRegistry, RegistryEvent};
 
@@ -44,18 +46,44 @@ pub async fn follow_catalog(
     kafka: &KafkaConfig,
     overrides: Arc<CatalogOverrides>,
 ) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
-    let topic = kafka.topics.catalog.clone();
-    let (handle, events) = follow_topic(kafka, &topic, move |m| {
-        match m.payload().map(avro::decode::<CatalogEvent>) {
-            Some(Ok(event)) => overrides.apply(&event),
+    follow_events::<CatalogEvent>(kafka, &kafka.topics.catalog, "tenant catalogs", move |e| {
+        overrides.apply(e)
+    })
+    .await
+}
+
+/// Loads every tenant's detectors set through the API into `overrides`, then follows the
+/// `detector-catalog` topic in a background task.
+pub async fn follow_detectors(
+    kafka: &KafkaConfig,
+    overrides: Arc<DetectorOverrides>,
+) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
+    let topic = &kafka.topics.detector_catalog;
+    follow_events::<DetectorEvent>(kafka, topic, "tenant detectors", move |e| {
+        overrides.apply(e)
+    })
+    .await
+}
+
+/// Follows a compacted topic of Avro records `E` (see [`follow_topic`]); an unreadable record is
+/// logged and skipped.
+async fn follow_events<E: TopicRecord>(
+    kafka: &KafkaConfig,
+    topic: &str,
+    what: &'static str,
+    apply: impl Fn(&E) + Send + Sync + 'static,
+) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
+    let (handle, events) = follow_topic(kafka, topic, move |m| {
+        match m.payload().map(avro::decode::<E>) {
+            Some(Ok(event)) => apply(&event),
             Some(Err(e)) => {
-                tracing::error!(error = %e, offset = m.offset(), "unreadable catalog event skipped")
+                tracing::error!(error = %e, offset = m.offset(), what, "unreadable event skipped")
             }
             None => {}
         }
     })
     .await?;
-    tracing::info!(events, "tenant catalogs loaded");
+    tracing::info!(events, "{what} loaded");
     Ok(handle)
 }
 

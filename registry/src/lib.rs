@@ -5,13 +5,15 @@
 //! the compacted `registry` topic ([`writer::RegistryWriter`]), and the follower that rebuilds a
 //! process's in-memory view from that topic and keeps it current ([`follower::follow`]), and
 //! self-registration of devices holding a tenant-signed JWT ([`self_registration`]), and the
-//! tenants' metric catalogs set through the admin API ([`catalog`], topic `catalog`). The models
-//! and views themselves are contracts and live in `tributary_schemas::{registry, catalog}`.
+//! tenants' metric catalogs and anomaly detectors set through the admin API ([`catalog`], topic
+//! `catalog`; [`detectors`], topic `detector-catalog`). The models and views themselves are
+//! contracts and live in `tributary_schemas::{registry, catalog, detectors}`.
 //!
 //! It must not touch: telemetry (raw or derived topics), the lake, or Mosquitto's configuration.
 
 pub mod api;
 pub mod catalog;
+pub mod detectors;
 pub mod follower;
 pub mod self_registration;
 pub mod writer;

@@ -297,6 +297,7 @@ impl SchemaId {
     pub const READING: u32 = 14;
     pub const CATALOG_EVENT: u32 = 11;
     pub const ANOMALY: u32 = 12;
+    pub const DETECTOR_EVENT: u32 = 15;
 }
 
 topic_record!(
@@ -343,6 +344,13 @@ topic_record!(
     SchemaId::CATALOG_EVENT,
     "catalog_event.avsc",
     earlier: [(SchemaId::CATALOG_EVENT_V1, "catalog_event.v1.avsc")]
+);
+
+topic_record!(
+    crate::detectors::DetectorEvent,
+    "DetectorEvent",
+    SchemaId::DETECTOR_EVENT,
+    "detector_event.avsc"
 );
 
 impl Derived for Reading {
@@ -617,5 +625,60 @@ mod tests {
             Err(AvroError::BadMagic(7))
         ));
         assert!(decode::<RawEnvelope>(b"\0\0\0\0\x01\xff\xff").is_err());
+    }
+
+    #[test]
+    fn detector_events_round_trip_with_every_field() {
+        use crate::detectors::{DetectorEvent, DetectorKind, DetectorSpec, Direction, Severity};
+        let full = DetectorSpec {
+            metric: "temperature".into(),
+            kind: Some(DetectorKind::Spike),
+            severity: Severity::Critical,
+            clear_for_secs: Some(30.0),
+            cooldown_secs: Some(5.0),
+            group: Some("pumps".into()),
+            model: Some("p-1".into()),
+            site: vec!["hall-1".into(), "line-2".into()],
+            above: Some(1e308),
+            below: Some(-1e308),
+            clear_above: Some(2.0),
+            clear_below: Some(-2.0),
+            for_secs: Some(0.5),
+            min_count: Some(u32::MAX),
+            window_secs: Some(600.0),
+            k: Some(6.0),
+            warmup: Some(20),
+            direction: Some(Direction::Down),
+            min_deviation: Some(0.1),
+            slack: Some(0.5),
+            max_per_sec: Some(3.0),
+            epsilon: Some(1e-9),
+            interval_secs: Some(60.0),
+            limit: Some(10.0),
+            horizon_secs: Some(3600.0),
+        };
+        let event = DetectorEvent {
+            tenant: "acme".into(),
+            at: 7,
+            actor: "admin".into(),
+            detectors: Some(
+                [
+                    ("full".to_owned(), full),
+                    ("bare".to_owned(), DetectorSpec::default()),
+                ]
+                .into(),
+            ),
+        };
+        let bytes = encode(&event).unwrap();
+        assert_eq!(&bytes[1..5], &SchemaId::DETECTOR_EVENT.to_be_bytes());
+        assert_eq!(decode::<DetectorEvent>(&bytes).unwrap(), event);
+        let removed = DetectorEvent {
+            detectors: None,
+            ..event
+        };
+        assert_eq!(
+            decode::<DetectorEvent>(&encode(&removed).unwrap()).unwrap(),
+            removed
+        );
     }
 }

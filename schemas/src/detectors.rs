@@ -19,6 +19,8 @@
 //! parameter of another kind, an unknown metric).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -578,6 +580,96 @@ pub struct TenantDetectors {
     pub detectors: BTreeMap<String, DetectorSpec>,
 }
 
+/// Topic `detector-catalog` (compacted, key = tenant): a tenant's detectors as set through the
+/// admin API. Schema: `schemas/avro/detector_event.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DetectorEvent {
+    pub tenant: String,
+    pub at: Micros,
+    pub actor: String,
+    /// `None`: the API entry was removed (the config file's applies again).
+    pub detectors: Option<BTreeMap<String, DetectorSpec>>,
+}
+
+/// The tenants' detectors set through the API, as a process follows them on the
+/// `detector-catalog` topic.
+#[derive(Debug, Default)]
+pub struct DetectorOverrides {
+    tenants: RwLock<BTreeMap<String, TenantDetectors>>,
+    generation: AtomicU64,
+}
+
+impl DetectorOverrides {
+    pub fn apply(&self, event: &DetectorEvent) {
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        match &event.detectors {
+            Some(d) => tenants.insert(
+                event.tenant.clone(),
+                TenantDetectors {
+                    detectors: d.clone(),
+                },
+            ),
+            None => tenants.remove(&event.tenant),
+        };
+        drop(tenants);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Every API entry now.
+    pub fn snapshot(&self) -> BTreeMap<String, TenantDetectors> {
+        self.tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Bumped by every change: a reader rebuilds its catalog when it moved.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// The config file's detectors and the metric names they may watch: what the API's entries are
+/// laid over and checked against.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct DetectorBase {
+    pub global: BTreeMap<String, DetectorSpec>,
+    pub tenants: BTreeMap<String, TenantDetectors>,
+    /// `None`: any metric (the metric catalog accepts unknown metrics).
+    pub metrics: Option<BTreeSet<String>>,
+}
+
+impl DetectorBase {
+    /// The catalog in effect: each tenant's API entry (in `api`) replaces its config entry.
+    pub fn compile(
+        &self,
+        api: &BTreeMap<String, TenantDetectors>,
+    ) -> Result<DetectorCatalog, DetectorError> {
+        let mut tenants = self.tenants.clone();
+        tenants.extend(api.iter().map(|(t, d)| (t.clone(), d.clone())));
+        DetectorCatalog::new(&self.global, &tenants, self.metrics.as_ref())
+    }
+
+    /// The specs of `tenant` in effect (global ones replaced by name), and where its own come
+    /// from: `api`, `config` or `default` (none of its own).
+    pub fn effective(
+        &self,
+        tenant: &str,
+        api: &BTreeMap<String, TenantDetectors>,
+    ) -> (&'static str, BTreeMap<String, DetectorSpec>) {
+        let (source, own) = match (api.get(tenant), self.tenants.get(tenant)) {
+            (Some(d), _) => ("api", Some(d)),
+            (None, Some(d)) => ("config", Some(d)),
+            (None, None) => ("default", None),
+        };
+        let mut all = self.global.clone();
+        if let Some(own) = own {
+            all.extend(own.detectors.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+        (source, all)
+    }
+}
+
 /// The checked detectors of every tenant: global ones, replaced by name per tenant.
 #[derive(Debug, Clone, Default)]
 pub struct DetectorCatalog {
@@ -624,6 +716,16 @@ impl DetectorCatalog {
     /// Whether no tenant has any detector.
     pub fn is_empty(&self) -> bool {
         self.global.is_empty() && self.tenants.values().all(Vec::is_empty)
+    }
+
+    /// The longest `clear_for` of any detector (0 with none).
+    pub fn longest_clear_for(&self) -> Micros {
+        self.global
+            .iter()
+            .chain(self.tenants.values().flatten())
+            .map(|d| d.clear_for)
+            .max()
+            .unwrap_or(0)
     }
 
     /// The detector `name` of `tenant`.

@@ -16,6 +16,8 @@ pub struct Topics {
     pub registry: String,
     /// Tenants' metric catalogs set through the admin API, compacted, key = tenant.
     pub catalog: String,
+    /// Tenants' anomaly detectors set through the admin API, compacted, key = tenant.
+    pub detector_catalog: String,
     /// Anomaly lifecycle records (open, update, resolved), key = device: what alerting consumers
     /// subscribe to.
     pub anomalies: String,
@@ -32,6 +34,7 @@ impl Default for Topics {
             deadletter: "deadletter".into(),
             registry: "registry".into(),
             catalog: "catalog".into(),
+            detector_catalog: "detector-catalog".into(),
             anomalies: "anomalies".into(),
             anomaly_state: "anomaly-state".into(),
         }
@@ -54,7 +57,7 @@ impl Topics {
     /// partition *p* to partition *p* of each derived topic, which keeps per-device order and lets the
     /// lake sink drop re-emitted outputs by their source position (see ARCHITECTURE.md).
     /// The registry topic is compacted: its latest record per device is the device; the catalog
-    /// topic too (latest per tenant), with one partition.
+    /// and detector catalog topics too (latest per tenant), with one partition.
     pub fn specs(&self, partitions: i32) -> Vec<TopicSpec> {
         let mut specs: Vec<TopicSpec> = [
             &self.raw,
@@ -78,12 +81,14 @@ impl Topics {
                 compacted: true,
             });
         }
-        // Few records (one per tenant), read whole by every cleanse and API process.
-        specs.push(TopicSpec {
-            name: self.catalog.clone(),
-            partitions: 1,
-            compacted: true,
-        });
+        // Few records (one per tenant), read whole by every cleanse, anomaly and API process.
+        for name in [&self.catalog, &self.detector_catalog] {
+            specs.push(TopicSpec {
+                name: name.clone(),
+                partitions: 1,
+                compacted: true,
+            });
+        }
         specs
     }
 }

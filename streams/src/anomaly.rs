@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tributary_schemas::avro::{self, Anomaly};
 use tributary_schemas::detectors::{
-    Detector, DetectorCatalog, DetectorError, DetectorSpec, TenantDetectors,
+    Detector, DetectorBase, DetectorCatalog, DetectorError, DetectorOverrides, DetectorSpec,
+    TenantDetectors,
 };
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::{DeadLetter, Micros, Reading, micros_of_secs};
@@ -71,12 +72,21 @@ impl Default for AnomalyConfig {
 }
 
 impl AnomalyConfig {
-    /// The checked catalog; `metrics`: the metric names detectors may watch.
+    /// The config file's detectors; `metrics`: the metric names detectors may watch.
+    pub fn base(&self, metrics: Option<std::collections::BTreeSet<String>>) -> DetectorBase {
+        DetectorBase {
+            global: self.detectors.clone(),
+            tenants: self.tenants.clone(),
+            metrics,
+        }
+    }
+
+    /// The checked catalog of the config file alone.
     pub fn catalog(
         &self,
         metrics: Option<&std::collections::BTreeSet<String>>,
     ) -> Result<DetectorCatalog, DetectorError> {
-        DetectorCatalog::new(&self.detectors, &self.tenants, metrics)
+        self.base(metrics.cloned()).compile(&BTreeMap::new())
     }
 }
 
@@ -313,6 +323,13 @@ impl Detection {
         out
     }
 
+    /// Detectors from now on. A series keeps its state under a detector whose name stays (with
+    /// its new parameters); the state of a series whose detector is gone stays idle in the
+    /// changelog (a detector added again under that name picks it up).
+    pub fn set_catalog(&mut self, catalog: Arc<DetectorCatalog>) {
+        self.catalog = catalog;
+    }
+
     /// Starts `partition` with no state (tests, backtests).
     pub fn start_empty(&mut self, partition: i32) {
         self.state.start_empty(partition);
@@ -363,25 +380,55 @@ impl Detection {
 pub struct AnomalyStage {
     kafka: KafkaConfig,
     config: AnomalyConfig,
-    catalog: Arc<DetectorCatalog>,
+    base: DetectorBase,
+    /// The tenants' detectors set through the admin API (followed from `detector-catalog`).
+    overrides: Arc<DetectorOverrides>,
     restarts: Restarts,
 }
 
 impl AnomalyStage {
-    pub fn new(kafka: KafkaConfig, config: AnomalyConfig, catalog: DetectorCatalog) -> Self {
+    pub fn new(
+        kafka: KafkaConfig,
+        config: AnomalyConfig,
+        base: DetectorBase,
+        overrides: Arc<DetectorOverrides>,
+    ) -> Self {
         Self {
             kafka,
             config,
-            catalog: Arc::new(catalog),
+            base,
+            overrides,
             restarts: Restarts::new(),
         }
     }
 
-    /// Runs until the task is cancelled or Kafka fails for good.
+    /// Runs until the task is cancelled or Kafka fails for good. While no tenant has a detector
+    /// (in the config file or through the API) the stage waits outside its consumer group.
     pub async fn run(&self) -> Result<(), StreamError> {
+        let mut waiting_logged = false;
+        let (generation, catalog) = loop {
+            let generation = self.overrides.generation();
+            let catalog = self
+                .base
+                .compile(&self.overrides.snapshot())
+                .map_err(|e| StreamError::State(e.to_string()))?;
+            if !catalog.is_empty() {
+                break (generation, catalog);
+            }
+            if !waiting_logged {
+                tracing::info!(
+                    "no detectors yet (config file or admin API): the anomaly stage waits for one"
+                );
+                waiting_logged = true;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
         let topics = &self.kafka.topics;
         let run = AnomalyRun {
-            detection: Detection::new(self.catalog.clone(), &self.config, &topics.anomaly_state),
+            detection: Detection::new(Arc::new(catalog), &self.config, &topics.anomaly_state),
+            base: self.base.clone(),
+            overrides: self.overrides.clone(),
+            generation,
             input: topics.telemetry.clone(),
             anomalies: Arc::from(topics.anomalies.as_str()),
             deadletter: Arc::from(topics.deadletter.as_str()),
@@ -399,6 +446,10 @@ impl AnomalyStage {
 /// One run of the anomaly stage: the [`Stage`] the runtime drives.
 struct AnomalyRun {
     detection: Detection,
+    base: DetectorBase,
+    overrides: Arc<DetectorOverrides>,
+    /// The overrides' generation the detection's catalog was built from.
+    generation: u64,
     input: String,
     anomalies: Arc<str>,
     deadletter: Arc<str>,
@@ -525,6 +576,24 @@ impl Stage for AnomalyRun {
             .iter()
             .map(|(p, a)| self.emit(*p, a))
             .collect()
+    }
+
+    fn refresh(&mut self) {
+        let generation = self.overrides.generation();
+        if generation == self.generation {
+            return;
+        }
+        self.generation = generation;
+        match self.base.compile(&self.overrides.snapshot()) {
+            Ok(catalog) => {
+                tracing::info!("detector catalog changed; applied from the next reading");
+                self.detection.set_catalog(Arc::new(catalog));
+            }
+            // Checked before it was recorded; only a config file changed since can refuse it.
+            Err(e) => {
+                tracing::error!(error = %e, "changed detector catalog refused; the previous one stays")
+            }
+        }
     }
 
     fn checkpoint(&mut self) -> Result<Vec<Emit>, StreamError> {

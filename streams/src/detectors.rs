@@ -498,6 +498,13 @@ impl Series {
             self.last = Some((t, v));
             return out;
         }
+        // Gone for `clear_for` before this reading: resolved first, whether or not the clock
+        // got there before it (so the outcome does not depend on when the clock ran).
+        if let Some(since) = self.open.as_ref().and_then(|o| o.clearing_since)
+            && t.saturating_sub(since) >= detector.clear_for
+        {
+            self.resolve(detector, since, t, &mut out);
+        }
         let verdict = evaluate(&detector.rule, &mut self.memory, self.last, t, v);
         self.last = Some((t, v));
         match verdict {
@@ -613,7 +620,14 @@ impl Series {
         }
         out.push(self.record(AnomalyState::Resolved, t, Some(end)));
         self.open = None;
-        self.quiet_until = t.saturating_add(detector.cooldown);
+        // The cooldown counts from the earliest the anomaly could resolve (its end plus
+        // `clear_for`; a heartbeat resolves at its end), not from when the clock or a reading got
+        // there: an event-time function of the readings, the same on replay.
+        let resolvable = match detector.rule {
+            Rule::Heartbeat { .. } => end,
+            _ => end.saturating_add(detector.clear_for),
+        };
+        self.quiet_until = resolvable.saturating_add(detector.cooldown);
     }
 
     /// The next record of the open anomaly.
@@ -771,6 +785,46 @@ mod tests {
                 level + amplitude * (((x >> 33) as f64 / (1u64 << 31) as f64) - 0.5)
             })
             .collect()
+    }
+
+    #[test]
+    fn the_same_readings_give_the_same_anomalies_whenever_the_clock_runs() {
+        // Open, clear, and the condition back after the quiet period (and the cooldown): a new
+        // anomaly, whether the clock resolved the first one in the gap or the reading did.
+        let d = detector(
+            "metric = 'temperature'\nkind = 'threshold'\nabove = 80.0\nclear_for_secs = 5\ncooldown_secs = 3",
+        );
+        let readings = [(0, 81.0), (1, 70.0), (30, 81.0), (31, 70.0), (32, 81.0)];
+        let feed = |clock_at: Option<i64>| {
+            let mut s = Series::default();
+            let mut out = Vec::new();
+            for (secs, v) in readings {
+                let t = T0 + secs * S;
+                if let Some(c) = clock_at
+                    && secs == 30
+                {
+                    out.extend(s.advance(WHO, &d, T0 + c * S));
+                }
+                out.extend(s.observe(WHO, &d, t, v));
+            }
+            out.iter()
+                .map(|c| (c.id.clone(), c.seq, c.state, c.start, c.end))
+                .collect::<Vec<_>>()
+        };
+        let without = feed(None);
+        assert_eq!(without, feed(Some(10)), "clock in the gap");
+        assert_eq!(without, feed(Some(29)), "clock just before the reading");
+        let opened: BTreeSet<&String> = without
+            .iter()
+            .filter(|c| c.2 == AnomalyState::Open)
+            .map(|c| &c.0)
+            .collect();
+        assert_eq!(opened.len(), 2, "{without:?}");
+        assert_eq!(
+            without[1].4,
+            Some(T0 + S),
+            "the first ended when it cleared"
+        );
     }
 
     #[test]

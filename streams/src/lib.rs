@@ -5,7 +5,8 @@
 //! the committed offsets), and the processing stages on it: cleanse ([`cleanse::CleanseStage`]:
 //! `raw` → `telemetry` + `deadletter`) and anomaly detection ([`anomaly::AnomalyStage`]:
 //! `telemetry` → `anomalies`). Their logic is pure and testable without servers
-//! ([`cleanse::Cleanser`], [`dedup::DedupWindow`], [`detectors::Series`]). The catalogs they apply
+//! ([`cleanse::Cleanser`], [`dedup::DedupWindow`], [`detectors::Series`]); [`labelled`] is the
+//! ground truth detection is scored against (labelled anomalies the simulator sends). The catalogs they apply
 //! are contracts (`tributary_schemas::catalog`, `tributary_schemas::detectors`). Each stage is one
 //! consumer group and scales out by adding instances.
 //!
@@ -16,6 +17,7 @@ pub mod cleanse;
 pub mod containment;
 pub mod dedup;
 pub mod detectors;
+pub mod labelled;
 pub mod runtime;
 
 /// Errors of the stream stages.

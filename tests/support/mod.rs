@@ -287,30 +287,23 @@ impl Stack {
     /// summary is on the child's stdout.
     pub fn spawn_simulator(&self, via: &str, messages: u64, rate: u64, seed: &str) -> Child {
         let first = if via == "mqtt" { "0" } else { "10" };
-        let child = self
-            .cmd(&[
-                "simulate",
-                "--via",
-                via,
-                "--first-device",
-                first,
-                "--devices",
-                "10",
-                "--messages",
-                &messages.to_string(),
-                "--rate",
-                &rate.to_string(),
-                "--batch",
-                "10",
-                "--seed",
-                seed,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.adopt(&child);
-        child
+        let (messages, rate) = (messages.to_string(), rate.to_string());
+        self.spawn_simulate(&[
+            "--via",
+            via,
+            "--first-device",
+            first,
+            "--devices",
+            "10",
+            "--messages",
+            &messages,
+            "--rate",
+            &rate,
+            "--batch",
+            "10",
+            "--seed",
+            seed,
+        ])
     }
 
     /// Starts a simulator on the seeded devices `first..first + devices` (a device sends on one
@@ -323,28 +316,67 @@ impl Stack {
         messages: u64,
         rate: u64,
     ) -> Child {
+        let (first, devices) = (first.to_string(), devices.to_string());
+        let (messages, rate) = (messages.to_string(), rate.to_string());
+        self.spawn_simulate(&[
+            "--via",
+            via,
+            "--first-device",
+            &first,
+            "--devices",
+            &devices,
+            "--messages",
+            &messages,
+            "--rate",
+            &rate,
+            "--seed",
+            "14",
+        ])
+    }
+
+    /// `tributary simulate <args>`: summary on the child's stdout, its log in
+    /// `<dir>/simulator-<via>-<first device>.log` (shown by [`Stack::logs`]).
+    pub fn spawn_simulate(&self, args: &[&str]) -> Child {
+        let arg = |name: &str| {
+            args.iter()
+                .position(|a| *a == name)
+                .and_then(|i| args.get(i + 1))
+                .copied()
+                .unwrap_or("0")
+        };
+        let log_name = format!("simulator-{}-{}.log", arg("--via"), arg("--first-device"));
+        let log = std::fs::File::create(self.dir.path().join(log_name)).unwrap();
+        let mut all = vec!["simulate"];
+        all.extend_from_slice(args);
         let child = self
-            .cmd(&[
-                "simulate",
-                "--via",
-                via,
-                "--first-device",
-                &first.to_string(),
-                "--devices",
-                &devices.to_string(),
-                "--messages",
-                &messages.to_string(),
-                "--rate",
-                &rate.to_string(),
-                "--seed",
-                "14",
-            ])
+            .cmd(&all)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap();
         self.adopt(&child);
         child
+    }
+
+    /// Waits for a simulator started by [`Stack::spawn_simulator`] and returns its summary. A
+    /// simulator that cannot finish in 5 minutes (the pipeline never acks) fails the test, with
+    /// every log of the test, instead of hanging it.
+    pub fn finish_simulator(&self, mut child: Child) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the simulator did not finish within 5 minutes\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "simulator failed\n{}", self.logs());
+        summary(&String::from_utf8_lossy(&out.stdout))
     }
 
     pub fn wait_http(&self) {
@@ -580,22 +612,6 @@ impl Drop for Stack {
 /// Parses the simulator's JSON summary (its last stdout line).
 pub fn summary(stdout: &str) -> Value {
     serde_json::from_str(stdout.trim().lines().last().unwrap_or("{}")).unwrap()
-}
-
-/// Waits for a simulator started by [`Stack::spawn_simulator`] and returns its summary.
-pub fn finish_simulator(mut child: Child) -> Value {
-    // A simulator that cannot finish (the pipeline never acks) fails the test instead of hanging it.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the simulator did not finish within 5 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "simulator failed");
-    summary(&String::from_utf8_lossy(&out.stdout))
 }
 
 /// A number from a simulator summary.
