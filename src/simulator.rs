@@ -221,7 +221,7 @@ impl Generator {
 enum MessageSource {
     /// The plain signals: `per_device` messages of a device (an HTTP batch), then the next one.
     Plain {
-        generator: Generator,
+        generator: Box<Generator>,
         per_device: usize,
         i: usize,
     },
@@ -369,13 +369,13 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
     } else {
         anyhow::ensure!(args.labels.is_none(), "--labels needs --anomalies");
         MessageSource::Plain {
-            generator: Generator {
+            generator: Box::new(Generator {
                 rng,
                 run_id: run_id.clone(),
                 malformed: args.malformed,
                 duplicates: args.duplicates,
                 allow_bad_json: args.via == Via::Mqtt,
-            },
+            }),
             per_device,
             i: 0,
         }

@@ -104,6 +104,10 @@ pub enum Memory {
     },
 }
 
+/// level_shift: after the warm-up the level goes on being learned over at most this many
+/// warm-ups' worth of readings (it forgets beyond).
+const LEARN_SPAN: u32 = 10;
+
 fn secs(us: Micros) -> f64 {
     us as f64 / 1e6
 }
@@ -322,6 +326,22 @@ pub fn evaluate(
                         ..Evidence::default()
                     })
                 } else {
+                    // Keep learning the level while nothing builds up towards a shift: the
+                    // warm-up's estimate sharpens (an error of σ/√warmup in the mean eats the
+                    // slack and makes false alarms hundreds of times likelier), a change that
+                    // builds up is not learned, and the last `LEARN_SPAN × warmup` readings count.
+                    if up.max(down) < *k / 2.0 {
+                        let span = warmup.saturating_mul(LEARN_SPAN).max(2);
+                        let learned = n.saturating_add(1).min(span);
+                        let w = 1.0 / f64::from(learned);
+                        let d = v - mean;
+                        mean += w * d;
+                        if learned == n {
+                            m2 *= 1.0 - w;
+                        }
+                        m2 += d * (v - mean);
+                        n = learned;
+                    }
                     Verdict::Clear
                 }
             };
