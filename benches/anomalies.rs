@@ -20,14 +20,13 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+mod topic;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use support::Stack;
 use tributary_schemas::Reading;
@@ -134,66 +133,11 @@ fn throughput(runtime: &tokio::runtime::Runtime, kafka: &KafkaConfig, o: &Option
         o.readings, o.series, kafka.partitions
     );
     let start = tributary_schemas::now_micros() - (o.readings / o.series) as i64 * 1_000_000;
-    let ends = runtime.block_on(async {
-        let producer: FutureProducer = kafka
-            .producer("bench-fill")
-            .set("enable.idempotence", "false")
-            .create()
-            .expect("producer");
-        let mut ends: HashMap<i32, i64> = HashMap::new();
-        let mut i = 0;
-        while i < o.readings {
-            let chunk: Vec<(i32, String, Vec<u8>)> = (i..(i + 2_000).min(o.readings))
-                .map(|i| {
-                    let r = reading(i, o.series, start);
-                    let bytes = avro::encode(&r).expect("encode");
-                    ((i % o.series) as i32 % kafka.partitions, r.device, bytes)
-                })
-                .collect();
-            i += chunk.len() as u64;
-            let sends: Vec<_> = chunk
-                .iter()
-                .map(|(p, key, bytes)| {
-                    producer.send(
-                        FutureRecord::to(&topic)
-                            .key(key)
-                            .partition(*p)
-                            .payload(bytes),
-                        Duration::from_secs(60),
-                    )
-                })
-                .collect();
-            for s in sends {
-                let d = s.await.expect("delivered");
-                let end = ends.entry(d.partition).or_default();
-                *end = (*end).max(d.offset + 1);
-            }
-        }
-        ends
-    });
+    let (ends, _) = runtime.block_on(topic::fill(kafka, &topic, o.readings, o.series, |i| {
+        reading(i, o.series, start)
+    }));
 
-    let bare = runtime.block_on(async {
-        let consumer: StreamConsumer = kafka
-            .consumer("bench-bare-consumer")
-            .create()
-            .expect("consumer");
-        consumer.subscribe(&[&topic]).expect("subscribe");
-        let started = Instant::now();
-        let mut left = ends.clone();
-        let mut bytes = 0usize;
-        while !left.is_empty() {
-            let m = consumer.recv().await.expect("record");
-            bytes += m.payload().map(<[u8]>::len).unwrap_or(0);
-            if left
-                .get(&m.partition())
-                .is_some_and(|e| m.offset() + 1 >= *e)
-            {
-                left.remove(&m.partition());
-            }
-        }
-        std::hint::black_box(bytes);
-        o.readings as f64 / started.elapsed().as_secs_f64()
-    });
+    let bare = runtime.block_on(topic::bare_consume(kafka, &topic, &ends));
     println!("bare-consumer     {bare:>10.0} records/s");
 
     let config: AnomalyConfig = toml::from_str(FOUR).expect("bench detectors");

@@ -15,14 +15,11 @@
 
 #[path = "../tests/support/mod.rs"]
 mod support;
+mod topic;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::Stack;
 use tributary_lake::LakeConfig;
 use tributary_lake::delta_sink::{DeltaSink, open_table, txn_version};
@@ -31,7 +28,6 @@ use tributary_lake::timeseries_sink::{
     LineProtocolWriter, TimeSeriesConfig, TimeSeriesSink, WriteOutcome,
 };
 use tributary_schemas::Reading;
-use tributary_schemas::avro;
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::registry::DeviceRegistry;
 
@@ -117,49 +113,10 @@ fn main() {
 
     // The topic, filled once; the end offset of each partition from the delivery reports.
     let start = tributary_schemas::now_micros() - (o.readings / o.devices) as i64 * 1_000_000;
-    let (ends, avro_bytes) = runtime.block_on(async {
-        let producer: FutureProducer = kafka
-            .producer("bench-fill")
-            .set("enable.idempotence", "false")
-            .create()
-            .expect("producer");
-        let mut ends: HashMap<i32, i64> = HashMap::new();
-        let mut avro_bytes = 0u64;
-        let mut i = 0;
-        while i < o.readings {
-            // A chunk of records, owned while their sends are in flight.
-            let chunk: Vec<(i32, String, Vec<u8>)> = (i..(i + 2_000).min(o.readings))
-                .map(|i| {
-                    let r = reading(i, o.devices, start);
-                    let bytes = avro::encode(&r).expect("encode");
-                    ((i % o.devices) as i32 % kafka.partitions, r.device, bytes)
-                })
-                .collect();
-            i += chunk.len() as u64;
-            let sends: Vec<_> = chunk
-                .iter()
-                .map(|(p, key, bytes)| {
-                    producer.send(
-                        FutureRecord::to(&topic)
-                            .key(key)
-                            .partition(*p)
-                            .payload(bytes),
-                        Duration::from_secs(60),
-                    )
-                })
-                .collect();
-            for s in sends {
-                let d = s.await.expect("delivered");
-                let end = ends.entry(d.partition).or_default();
-                *end = (*end).max(d.offset + 1);
-            }
-            avro_bytes += chunk.iter().map(|(_, _, b)| b.len() as u64).sum::<u64>();
-            if i % 50_000 == 0 {
-                eprintln!("  filled {i}");
-            }
-        }
-        (ends, avro_bytes)
-    });
+    let (ends, avro_bytes) =
+        runtime.block_on(topic::fill(&kafka, &topic, o.readings, o.devices, |i| {
+            reading(i, o.devices, start)
+        }));
     println!(
         "topic filled: {} records, {:.1} MB of Avro values",
         o.readings,
@@ -167,28 +124,7 @@ fn main() {
     );
 
     // Baseline: a bare consumer reading every record.
-    let bare = runtime.block_on(async {
-        let consumer: StreamConsumer = kafka
-            .consumer("bench-bare-consumer")
-            .create()
-            .expect("consumer");
-        consumer.subscribe(&[&topic]).expect("subscribe");
-        let started = Instant::now();
-        let mut left: HashMap<i32, i64> = ends.clone();
-        let mut bytes = 0usize;
-        while !left.is_empty() {
-            let m = consumer.recv().await.expect("record");
-            bytes += m.payload().map(<[u8]>::len).unwrap_or(0);
-            if left
-                .get(&m.partition())
-                .is_some_and(|e| m.offset() + 1 >= *e)
-            {
-                left.remove(&m.partition());
-            }
-        }
-        std::hint::black_box(bytes);
-        o.readings as f64 / started.elapsed().as_secs_f64()
-    });
+    let bare = runtime.block_on(topic::bare_consume(&kafka, &topic, &ends));
     println!("bare-consumer     {bare:>10.0} records/s");
 
     // Kafka → Delta.

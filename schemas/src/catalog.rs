@@ -209,35 +209,47 @@ pub struct CatalogEvent {
     pub catalog: Option<TenantCatalog>,
 }
 
-/// The tenants' catalogs set through the API, as a process follows them on the `catalog` topic.
+/// What tenants set through the admin API (their metric catalogs, their detectors), as a process
+/// follows it on a compacted per-tenant topic: one entry per tenant, and a generation that moves
+/// with every change.
 #[derive(Debug, Default)]
-pub struct CatalogOverrides {
-    tenants: RwLock<BTreeMap<String, TenantCatalog>>,
+pub struct TenantOverrides<T> {
+    tenants: RwLock<BTreeMap<String, T>>,
     generation: AtomicU64,
 }
 
-impl CatalogOverrides {
-    pub fn apply(&self, event: &CatalogEvent) {
+impl<T: Clone> TenantOverrides<T> {
+    /// `entry` for `tenant`, or none (`None`: the API entry was removed).
+    pub fn set(&self, tenant: &str, entry: Option<T>) {
         let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
-        match &event.catalog {
-            Some(c) => tenants.insert(event.tenant.clone(), c.clone()),
-            None => tenants.remove(&event.tenant),
+        match entry {
+            Some(e) => tenants.insert(tenant.to_owned(), e),
+            None => tenants.remove(tenant),
         };
         drop(tenants);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Every API entry now.
-    pub fn snapshot(&self) -> BTreeMap<String, TenantCatalog> {
+    pub fn snapshot(&self) -> BTreeMap<String, T> {
         self.tenants
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
     }
 
-    /// Bumped by every change: a reader recompiles its catalog when it moved.
+    /// Bumped by every change: a reader rebuilds what it derived when it moved.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+}
+
+/// The tenants' catalogs set through the API, as a process follows them on the `catalog` topic.
+pub type CatalogOverrides = TenantOverrides<TenantCatalog>;
+
+impl CatalogOverrides {
+    pub fn apply(&self, event: &CatalogEvent) {
+        self.set(&event.tenant, event.catalog.clone());
     }
 }
 

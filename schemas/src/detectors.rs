@@ -19,12 +19,11 @@
 //! parameter of another kind, an unknown metric).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
 use crate::Micros;
+use crate::catalog::TenantOverrides;
 
 /// The kinds of detector.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -593,39 +592,15 @@ pub struct DetectorEvent {
 
 /// The tenants' detectors set through the API, as a process follows them on the
 /// `detector-catalog` topic.
-#[derive(Debug, Default)]
-pub struct DetectorOverrides {
-    tenants: RwLock<BTreeMap<String, TenantDetectors>>,
-    generation: AtomicU64,
-}
+pub type DetectorOverrides = TenantOverrides<TenantDetectors>;
 
 impl DetectorOverrides {
     pub fn apply(&self, event: &DetectorEvent) {
-        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
-        match &event.detectors {
-            Some(d) => tenants.insert(
-                event.tenant.clone(),
-                TenantDetectors {
-                    detectors: d.clone(),
-                },
-            ),
-            None => tenants.remove(&event.tenant),
-        };
-        drop(tenants);
-        self.generation.fetch_add(1, Ordering::Release);
-    }
-
-    /// Every API entry now.
-    pub fn snapshot(&self) -> BTreeMap<String, TenantDetectors> {
-        self.tenants
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let entry = event
+            .detectors
             .clone()
-    }
-
-    /// Bumped by every change: a reader rebuilds its catalog when it moved.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+            .map(|detectors| TenantDetectors { detectors });
+        self.set(&event.tenant, entry);
     }
 }
 
