@@ -2,11 +2,12 @@
 //! project's own scripts:
 //!
 //! ```text
-//! cargo bench --bench anomalies                                  # 300 000 readings; MQTT at 10 000 msg/s for 30 s
-//! cargo bench --bench anomalies -- --readings 200000 --rate 5000 --seconds 20
+//! cargo bench --bench anomalies                                  # 45 000 readings; MQTT at 10 000 msg/s for 30 s
+//! cargo bench --bench anomalies -- --readings 200000 --series 10000  # larger fills stall Tansu here
+//! cargo bench --bench anomalies -- --latency-only --rate 5000 --seconds 20
 //! ```
 //!
-//! - **Throughput**: `telemetry` filled with Avro readings of 10 000 series (one metric, watched
+//! - **Throughput**: `telemetry` filled with Avro readings of 1 500 series (one metric, watched
 //!   by four detectors: threshold with hysteresis, spike, rate of change, heartbeat), then a bare
 //!   consumer of the topic (records/s, nothing else done), then the `AnomalyStage` (the live
 //!   stage, consumer group, state changelog, anomaly records produced): readings/s until its
@@ -40,14 +41,17 @@ struct Options {
     series: u64,
     rate: u64,
     seconds: u64,
+    /// `--latency-only`: skip the throughput part.
+    latency_only: bool,
 }
 
 fn options() -> Options {
     let mut o = Options {
-        readings: 300_000,
-        series: 10_000,
+        readings: 45_000,
+        series: 1_500,
         rate: 10_000,
         seconds: 30,
+        latency_only: false,
     };
     let args: Vec<String> = std::env::args().collect();
     for (i, a) in args.iter().enumerate() {
@@ -57,6 +61,7 @@ fn options() -> Options {
             "--series" => o.series = value().unwrap_or(o.series),
             "--rate" => o.rate = value().unwrap_or(o.rate),
             "--seconds" => o.seconds = value().unwrap_or(o.seconds),
+            "--latency-only" => o.latency_only = true,
             _ => {} // `cargo bench` passes `--bench`
         }
     }
@@ -122,7 +127,9 @@ fn main() {
         brokers: format!("127.0.0.1:{}", stack.kafka_port),
         ..KafkaConfig::default()
     };
-    throughput(&runtime, &kafka, &o);
+    if !o.latency_only {
+        throughput(&runtime, &kafka, &o);
+    }
     latency(&runtime, &mut stack, &kafka, &o);
 }
 
@@ -207,6 +214,7 @@ fn latency(runtime: &tokio::runtime::Runtime, stack: &mut Stack, kafka: &KafkaCo
     stack.set_env("TRIBUTARY_CONFIG", &config.display().to_string());
     let topic = kafka.topics.anomalies.clone();
     // Follow `anomalies` from its end, before anything is published.
+    let _entered = runtime.enter();
     let consumer: StreamConsumer = kafka.reader("bench-latency").create().expect("consumer");
     let partitions = kafka.partitions;
     let mut tpl = TopicPartitionList::new();
