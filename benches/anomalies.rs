@@ -120,8 +120,14 @@ fn reading(i: u64, series: u64, start: i64) -> Reading {
 
 fn main() {
     let o = options();
-    // sqlite: the memory engine stalls producing past ~50 000 records of this shape.
-    let mut stack = Stack::start_with_storage(50, &[], "sqlite://tansu.db");
+    // sqlite: the memory engine stalls producing past ~50 000 records of this shape; the latency
+    // part alone runs on the memory engine (sqlite's produce path is the bottleneck there).
+    let storage = if o.latency_only {
+        "memory://tansu/"
+    } else {
+        "sqlite://tansu.db"
+    };
+    let mut stack = Stack::start_with_storage(50, &[], storage);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let kafka = KafkaConfig {
         brokers: format!("127.0.0.1:{}", stack.kafka_port),

@@ -16,6 +16,7 @@ use tributary_registry::RegistryConfig;
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_streams::anomaly::AnomalyConfig;
 use tributary_streams::cleanse::CleanseConfig;
+use tributary_streams::incidents::IncidentConfig;
 
 /// `[simulator]`: where the device simulator and the `tributary devices` CLI find the HTTP API,
 /// and where the simulator finds its devices' secrets.
@@ -47,6 +48,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub cleanse: CleanseConfig,
     pub anomalies: AnomalyConfig,
+    pub incidents: IncidentConfig,
     pub lake: LakeConfig,
     pub timeseries: TimeSeriesConfig,
     pub query: QueryConfig,
@@ -140,6 +142,19 @@ impl Config {
                 "kafka.topics.anomaly_state",
                 &self.kafka.topics.anomaly_state,
             ),
+            (
+                "kafka.topics.detector_catalog",
+                &self.kafka.topics.detector_catalog,
+            ),
+            (
+                "kafka.topics.incident_inputs",
+                &self.kafka.topics.incident_inputs,
+            ),
+            ("kafka.topics.incidents", &self.kafka.topics.incidents),
+            (
+                "kafka.topics.incident_state",
+                &self.kafka.topics.incident_state,
+            ),
         ] {
             if name.is_empty()
                 || !name
@@ -216,6 +231,15 @@ impl Config {
         }
         if self.anomalies.batch_size == 0 {
             return bad("anomalies.batch_size", &0, "must be at least 1");
+        }
+        if let Err(e) = self.incidents.compile() {
+            return Err(ConfigError(format!(
+                "`incidents.rules.{}.{}`: {}",
+                e.rule, e.field, e.reason
+            )));
+        }
+        if self.incidents.batch_size == 0 {
+            return bad("incidents.batch_size", &0, "must be at least 1");
         }
         if self.lake.flush_rows == 0 {
             return bad("lake.flush_rows", &0, "must be at least 1");

@@ -13,6 +13,10 @@
 //! admins ─HTTP─▶ http (/v1/tenants/{t}/detectors) ─▶ detector-catalog ─▶ the detectors of anomalies
 //!
 //! telemetry ─▶ anomalies ─▶ anomalies (topic: alerting consumers) ─▶ lake (Delta table `anomalies`)
+//!                                  │
+//!                                  └─▶ incidents: routing ─▶ incident-inputs (re-keyed by rule and
+//!                                      site level / group / device) ─▶ correlation ─▶ incidents
+//!                                      (topic: alerting consumers) ─▶ lake (Delta table `incidents`)
 //!
 //! telemetry ─▶ timeseries ─line protocol─▶ InfluxDB 2/3 or VictoriaMetrics (tags from registry)
 //!
@@ -44,7 +48,7 @@ use tributary_registry::detectors::DetectorWriter;
 use tributary_registry::follower;
 use tributary_registry::self_registration::SelfRegistration;
 use tributary_registry::writer::RegistryWriter;
-use tributary_schemas::avro::Anomaly;
+use tributary_schemas::avro::{Anomaly, Incident};
 use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::detectors::DetectorOverrides;
 use tributary_schemas::registry::DeviceRegistry;
@@ -52,6 +56,7 @@ use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::StreamError;
 use tributary_streams::anomaly::AnomalyStage;
 use tributary_streams::cleanse::CleanseStage;
+use tributary_streams::incidents::{IncidentRouting, IncidentStage};
 
 use crate::config::Config;
 
@@ -68,7 +73,10 @@ pub enum Stage {
     Cleanse,
     /// Anomaly detection: telemetry → anomalies (the `[anomalies]` detector catalog).
     Anomalies,
-    /// Delta sinks: telemetry, deadletter, anomalies, registry (→ `devices`) and raw (→ `usage`)
+    /// Incidents: anomalies → incident-inputs (routing by rule) → incidents (the `[incidents]`
+    /// rules).
+    Incidents,
+    /// Delta sinks: telemetry, deadletter, anomalies, incidents, registry (→ `devices`) and raw (→ `usage`)
     /// → Delta tables.
     Lake,
     /// Time-series sink: telemetry → an InfluxDB-2-compatible write API (`[timeseries]`).
@@ -228,6 +236,31 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             async move { Ok(anomalies.run().await?) }
         });
     }
+    if stage.includes(Stage::Incidents) {
+        let rules = Arc::new(config.incidents.compile().context("incident rules")?);
+        if rules.is_empty() {
+            tracing::info!("no incident rules ([incidents.rules]): the incident stages do not run");
+        } else {
+            let routing = Arc::new(IncidentRouting::new(
+                config.kafka.clone(),
+                config.incidents.clone(),
+                rules.clone(),
+            ));
+            supervise(&mut tasks, "incident-routing", move || {
+                let routing = routing.clone();
+                async move { Ok(routing.run().await?) }
+            });
+            let incidents = Arc::new(IncidentStage::new(
+                config.kafka.clone(),
+                config.incidents.clone(),
+                rules,
+            ));
+            supervise(&mut tasks, "incidents", move || {
+                let incidents = incidents.clone();
+                async move { Ok(incidents.run().await?) }
+            });
+        }
+    }
     if stage.includes(Stage::Query) {
         spawn_query(&mut tasks, &config, stage.0.contains(&Stage::Query))?;
     }
@@ -236,6 +269,7 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
         spawn_sink::<Reading>(&mut tasks, &config, &topics.telemetry, "lake-telemetry");
         spawn_sink::<DeadLetter>(&mut tasks, &config, &topics.deadletter, "lake-deadletter");
         spawn_sink::<Anomaly>(&mut tasks, &config, &topics.anomalies, "lake-anomalies");
+        spawn_sink::<Incident>(&mut tasks, &config, &topics.incidents, "lake-incidents");
         spawn_sink::<DeviceState>(&mut tasks, &config, &topics.registry, "lake-devices");
         spawn_sink::<UsageEvent>(&mut tasks, &config, &topics.raw, "lake-usage");
     }

@@ -130,7 +130,7 @@ pub fn lake_table_names(lake: &LakeConfig) -> Result<Vec<String>, QueryError> {
 }
 
 /// Tables the pipeline writes, registered even on object stores that cannot be listed cheaply.
-pub const KNOWN_TABLES: [&str; 5] = tributary_lake::tables::TABLES;
+pub const KNOWN_TABLES: [&str; 6] = tributary_lake::tables::TABLES;
 
 /// A DataFusion session as every engine of this crate runs it: filters evaluated while Parquet
 /// pages are decoded (selective predicates — one device, one hour — skip most of the other

@@ -202,6 +202,131 @@ pub struct Anomaly {
     pub source_offset: i64,
 }
 
+/// What an [`Incident`] record reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncidentChange {
+    Open,
+    Update,
+    Acknowledge,
+    Snooze,
+    Resolve,
+    Reopen,
+}
+
+impl IncidentChange {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Update => "update",
+            Self::Acknowledge => "acknowledge",
+            Self::Snooze => "snooze",
+            Self::Resolve => "resolve",
+            Self::Reopen => "reopen",
+        }
+    }
+}
+
+/// An incident's state after a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncidentStatus {
+    Open,
+    Acknowledged,
+    Snoozed,
+    Resolved,
+}
+
+impl IncidentStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Acknowledged => "acknowledged",
+            Self::Snoozed => "snoozed",
+            Self::Resolved => "resolved",
+        }
+    }
+}
+
+/// Topic `incidents`: one lifecycle record of an incident with its whole current state. Schema
+/// (every field documented): `schemas/avro/incident.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Incident {
+    pub incident_id: String,
+    pub seq: i32,
+    pub change: IncidentChange,
+    pub status: IncidentStatus,
+    pub tenant: String,
+    pub rule: String,
+    pub correlate: String,
+    pub scope: String,
+    #[serde(default)]
+    pub site: Vec<String>,
+    #[serde(default)]
+    pub device_group: Option<String>,
+    pub severity: String,
+    pub first_time: Micros,
+    pub last_time: Micros,
+    #[serde(default)]
+    pub end_time: Option<Micros>,
+    pub event_time: Micros,
+    pub members: Vec<String>,
+    pub devices: Vec<String>,
+    pub metrics: Vec<String>,
+    pub member_count: i32,
+    pub open_members: i32,
+    pub device_count: i32,
+    pub anomaly_records: i64,
+    #[serde(default)]
+    pub actor: Option<String>,
+    #[serde(default)]
+    pub acted_at: Option<Micros>,
+    #[serde(default)]
+    pub comment: Option<String>,
+    #[serde(default)]
+    pub snoozed_until: Option<Micros>,
+    pub message: String,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+}
+
+/// What a person does to an incident.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncidentActionKind {
+    Acknowledge,
+    Snooze,
+    Resolve,
+}
+
+/// An action on an incident through the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentAction {
+    pub incident_id: String,
+    pub action: IncidentActionKind,
+    pub actor: String,
+    pub at: Micros,
+    #[serde(default)]
+    pub until: Option<Micros>,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// Internal topic `incident-inputs`: an anomaly re-keyed by an incident rule, or an action.
+/// Schema: `schemas/avro/incident_input.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentInput {
+    pub tenant: String,
+    pub rule: String,
+    pub key: String,
+    /// The anomaly record as on `anomalies` (Confluent-framed).
+    #[serde(default, with = "apache_avro::serde_avro_bytes_opt")]
+    pub anomaly: Option<Vec<u8>>,
+    #[serde(default)]
+    pub action: Option<IncidentAction>,
+}
+
 /// Topic `deadletter`: a rejected input with the rule, reason and provenance. Schema:
 /// `schemas/avro/dead_letter.avsc`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -298,6 +423,8 @@ impl SchemaId {
     pub const CATALOG_EVENT: u32 = 11;
     pub const ANOMALY: u32 = 12;
     pub const DETECTOR_EVENT: u32 = 15;
+    pub const INCIDENT: u32 = 16;
+    pub const INCIDENT_INPUT: u32 = 17;
 }
 
 topic_record!(
@@ -322,6 +449,13 @@ topic_record!(
     ]
 );
 topic_record!(Anomaly, "Anomaly", SchemaId::ANOMALY, "anomaly.avsc");
+topic_record!(Incident, "Incident", SchemaId::INCIDENT, "incident.avsc");
+topic_record!(
+    IncidentInput,
+    "IncidentInput",
+    SchemaId::INCIDENT_INPUT,
+    "incident_input.avsc"
+);
 topic_record!(
     DeadLetter,
     "DeadLetter",
@@ -680,5 +814,70 @@ mod tests {
             decode::<DetectorEvent>(&encode(&removed).unwrap()).unwrap(),
             removed
         );
+    }
+
+    #[test]
+    fn incidents_and_their_inputs_round_trip_with_every_field() {
+        let incident = Incident {
+            incident_id: "0".repeat(32),
+            seq: i32::MAX,
+            change: IncidentChange::Snooze,
+            status: IncidentStatus::Snoozed,
+            tenant: "acme".into(),
+            rule: "sections".into(),
+            correlate: "site".into(),
+            scope: "north / hall 3".into(),
+            site: vec!["north".into(), "hall 3".into()],
+            device_group: Some("pumps".into()),
+            severity: "critical".into(),
+            first_time: i64::MIN,
+            last_time: i64::MAX,
+            end_time: Some(3),
+            event_time: 4,
+            members: vec!["a".into(), "b".into()],
+            devices: vec!["d1".into(), "d2".into()],
+            metrics: vec!["temperature".into()],
+            member_count: 2,
+            open_members: 1,
+            device_count: 2,
+            anomaly_records: 7,
+            actor: Some("ops".into()),
+            acted_at: Some(5),
+            comment: Some("on it".into()),
+            snoozed_until: Some(6),
+            message: "2 devices".into(),
+            source_topic: "incident-inputs".into(),
+            source_partition: 1,
+            source_offset: -1,
+        };
+        let bytes = encode(&incident).unwrap();
+        assert_eq!(&bytes[1..5], &SchemaId::INCIDENT.to_be_bytes());
+        assert_eq!(decode::<Incident>(&bytes).unwrap(), incident);
+        for input in [
+            IncidentInput {
+                tenant: "acme".into(),
+                rule: "sections".into(),
+                key: "north\u{1f}hall 3".into(),
+                anomaly: Some(vec![0, 1, 2]),
+                action: None,
+            },
+            IncidentInput {
+                tenant: "acme".into(),
+                rule: "sections".into(),
+                key: "k".into(),
+                anomaly: None,
+                action: Some(IncidentAction {
+                    incident_id: "i".into(),
+                    action: IncidentActionKind::Snooze,
+                    actor: "ops".into(),
+                    at: 1,
+                    until: Some(2),
+                    comment: None,
+                }),
+            },
+        ] {
+            let bytes = encode(&input).unwrap();
+            assert_eq!(decode::<IncidentInput>(&bytes).unwrap(), input);
+        }
     }
 }

@@ -35,6 +35,12 @@ pub struct KafkaConfig {
     /// ones let a restarted stack settle sooner. 10 s by default: on Tansu 0.6, members of a stopped
     /// run linger for a whole session and the first assignments after a restart get revoked.
     pub session_timeout_ms: u32,
+    /// How long a consumer's fetch may wait at the broker for records (`fetch.wait.max.ms`). A
+    /// broker that answers as soon as a record is there (Kafka, with `fetch.min.bytes` = 1) makes
+    /// this only the idle poll interval; Tansu 0.6 holds every fetch this long, so it is a floor
+    /// on each hop's latency there: 50 ms by default (librdkafka's 500 ms made MQTT → anomaly
+    /// take 1.2 s at p50 instead of 0.25 s, `benches/anomalies.rs`).
+    pub fetch_wait_max_ms: u32,
     pub topics: Topics,
 }
 
@@ -46,6 +52,7 @@ impl Default for KafkaConfig {
             group_prefix: "tributary".into(),
             instance_id: "1".into(),
             session_timeout_ms: 10_000,
+            fetch_wait_max_ms: 50,
             topics: Topics::default(),
         }
     }
@@ -95,7 +102,8 @@ impl KafkaConfig {
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", "1000")
-            .set("partition.assignment.strategy", "range");
+            .set("partition.assignment.strategy", "range")
+            .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string());
         c
     }
 
@@ -110,7 +118,8 @@ impl KafkaConfig {
             .set("client.id", client_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest");
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", self.fetch_wait_max_ms.to_string());
         c
     }
 

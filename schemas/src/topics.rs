@@ -24,6 +24,13 @@ pub struct Topics {
     /// The anomaly stage's state changelog, compacted, key = series and detector (internal to
     /// the stage, not a contract).
     pub anomaly_state: String,
+    /// Internal: anomalies re-keyed by incident rule and correlation key, and people's actions on
+    /// incidents (the incident stage's input).
+    pub incident_inputs: String,
+    /// Incident lifecycle records, key = incident id: what alerting consumers subscribe to.
+    pub incidents: String,
+    /// The incident stage's state changelog, compacted, key = tenant, rule and correlation key.
+    pub incident_state: String,
 }
 
 impl Default for Topics {
@@ -37,6 +44,9 @@ impl Default for Topics {
             detector_catalog: "detector-catalog".into(),
             anomalies: "anomalies".into(),
             anomaly_state: "anomaly-state".into(),
+            incident_inputs: "incident-inputs".into(),
+            incidents: "incidents".into(),
+            incident_state: "incident-state".into(),
         }
     }
 }
@@ -64,6 +74,8 @@ impl Topics {
             &self.telemetry,
             &self.deadletter,
             &self.anomalies,
+            &self.incident_inputs,
+            &self.incidents,
         ]
         .into_iter()
         .map(|name| TopicSpec {
@@ -74,7 +86,7 @@ impl Topics {
         .collect();
         // Compacted, key = device / series: the latest record per key is the state. The
         // anomaly stage's changelog has a partition per `telemetry` partition.
-        for name in [&self.registry, &self.anomaly_state] {
+        for name in [&self.registry, &self.anomaly_state, &self.incident_state] {
             specs.push(TopicSpec {
                 name: name.clone(),
                 partitions,

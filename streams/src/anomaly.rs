@@ -31,10 +31,10 @@ use tributary_schemas::detectors::{
     TenantDetectors,
 };
 use tributary_schemas::kafka::KafkaConfig;
-use tributary_schemas::{DeadLetter, Micros, Reading, micros_of_secs};
+use tributary_schemas::{Micros, Reading, micros_of_secs};
 
 use crate::StreamError;
-use crate::containment::STAGE_FAILURE;
+use crate::clock::PartitionClocks;
 use crate::detectors::{self, Change, Identity, Series};
 use crate::runtime::{self, Batching, Emit, KeyedState, Position, Restarts, Stage};
 
@@ -156,22 +156,9 @@ pub fn anomaly_record(
 pub struct Detection {
     catalog: Arc<DetectorCatalog>,
     state: KeyedState<Watch>,
-    /// Per partition: the newest event time seen, and the clock's last sweep.
-    clocks: HashMap<i32, Clock>,
-    grace: Micros,
-    sweep: Micros,
+    clocks: PartitionClocks,
     pub readings: u64,
     pub anomalies: u64,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct Clock {
-    /// The newest event time seen.
-    watermark: Option<Micros>,
-    /// The clock time of the last sweep.
-    swept: Option<Micros>,
-    /// When the newest record was written to the input topic (its Kafka timestamp).
-    written: Micros,
 }
 
 impl Detection {
@@ -179,9 +166,10 @@ impl Detection {
         Self {
             catalog,
             state: KeyedState::new(changelog),
-            clocks: HashMap::new(),
-            grace: micros_of_secs(config.clock_grace_secs),
-            sweep: micros_of_secs(config.sweep_secs).max(1_000_000),
+            clocks: PartitionClocks::new(
+                micros_of_secs(config.clock_grace_secs),
+                micros_of_secs(config.sweep_secs),
+            ),
             readings: 0,
             anomalies: 0,
         }
@@ -235,19 +223,8 @@ impl Detection {
                 ));
             }
         }
-        // The partition's clock: swept at each multiple of `sweep` it crosses (deterministic).
-        let clock = self.clocks.entry(partition).or_default();
-        let watermark = clock
-            .watermark
-            .map_or(r.event_time, |w| w.max(r.event_time));
-        clock.watermark = Some(watermark);
-        clock.written = clock.written.max(written_at);
-        let now = watermark.saturating_sub(self.grace);
-        let due = clock
-            .swept
-            .is_none_or(|s| now.div_euclid(self.sweep) > s.div_euclid(self.sweep));
-        if due {
-            clock.swept = Some(now);
+        // The partition's clock: swept at each multiple of the interval it crosses.
+        if let Some(now) = self.clocks.observe(partition, r.event_time, written_at) {
             out.extend(self.sweep_partition(partition, now, topic));
         }
         self.anomalies += out.len() as u64;
@@ -293,20 +270,7 @@ impl Detection {
     /// once per sweep interval).
     pub fn idle(&mut self, wall: Micros, topic: &str) -> Vec<(i32, Anomaly)> {
         let mut out = Vec::new();
-        for partition in self.state.partitions() {
-            let clock = self.clocks.entry(partition).or_default();
-            let Some(watermark) = clock.watermark else {
-                continue;
-            };
-            let quiet = wall.saturating_sub(clock.written).max(0);
-            let now = watermark.saturating_add(quiet).saturating_sub(self.grace);
-            if clock
-                .swept
-                .is_some_and(|s| now.saturating_sub(s) < self.sweep)
-            {
-                continue;
-            }
-            clock.swept = Some(now);
+        for (partition, now) in self.clocks.idle(wall) {
             for a in self.sweep_partition(partition, now, topic) {
                 out.push((partition, a));
             }
@@ -317,7 +281,7 @@ impl Detection {
 
     /// Advances every series of `partition` to the clock time `now` (a backtest's end).
     pub fn advance_to(&mut self, partition: i32, now: Micros, topic: &str) -> Vec<Anomaly> {
-        let now = now.saturating_sub(self.grace);
+        let now = self.clocks.behind(now);
         let out = self.sweep_partition(partition, now, topic);
         self.anomalies += out.len() as u64;
         out
@@ -333,7 +297,7 @@ impl Detection {
     /// Starts `partition` with no state (tests, backtests).
     pub fn start_empty(&mut self, partition: i32) {
         self.state.start_empty(partition);
-        self.clocks.remove(&partition);
+        self.clocks.forget(partition);
     }
 
     /// Restores `partition` from the changelog; its clock starts at the newest reading the state
@@ -347,21 +311,13 @@ impl Detection {
             }
             false
         });
-        self.clocks.insert(
-            partition,
-            Clock {
-                watermark: newest,
-                swept: newest.map(|n| n.saturating_sub(self.grace)),
-                // Unknown until the first record: the quiet time counts from the restore.
-                written: tributary_schemas::now_micros(),
-            },
-        );
+        self.clocks.restore(partition, newest);
         Ok(())
     }
 
     fn forget(&mut self, partition: i32) {
         self.state.forget(partition);
-        self.clocks.remove(&partition);
+        self.clocks.forget(partition);
     }
 
     /// The changelog records of the series changed since the last call (the runtime writes them
@@ -532,37 +488,22 @@ impl Stage for AnomalyRun {
     }
 
     fn give_up(&mut self, at: Position<'_>, record: &[u8], error: &str) -> Vec<Emit> {
-        let reading = avro::decode::<Reading>(record).ok();
-        let dead = DeadLetter {
-            tenant: reading
-                .as_ref()
-                .map(|r| r.tenant.clone())
-                .unwrap_or_default(),
-            device: reading
-                .as_ref()
-                .map(|r| r.device.clone())
-                .unwrap_or_default(),
-            event_id: reading.as_ref().map(|r| r.event_id.clone()),
-            stage: STAGE.into(),
-            rule: STAGE_FAILURE.into(),
-            field: None,
-            reason: format!("the anomaly stage failed on this reading: {error}"),
-            source_topic: at.topic.to_owned(),
-            source_partition: at.partition,
-            source_offset: at.offset,
-            source_index: 0,
-            received_at: at.written_at,
-            original: record.to_vec(),
-            measurement: None,
-        };
-        let partition = runtime::dead_letter_partition(at.partition, self.deadletter_parts);
-        match Emit::record(&self.deadletter, partition, &dead.device, &dead) {
-            Ok(e) => vec![e],
-            Err(e) => {
-                tracing::error!(error = %e, "the stage_failure dead letter could not be encoded");
-                Vec::new()
-            }
-        }
+        let subject = avro::decode::<Reading>(record)
+            .map(|r| runtime::Subject {
+                tenant: r.tenant,
+                device: r.device,
+                event_id: Some(r.event_id),
+            })
+            .unwrap_or_default();
+        runtime::stage_failure(
+            STAGE,
+            at,
+            record,
+            subject,
+            error,
+            &self.deadletter,
+            self.deadletter_parts,
+        )
     }
 
     fn idle(&mut self, now: Micros) -> Result<Vec<Emit>, StreamError> {

@@ -14,9 +14,11 @@
 
 pub mod anomaly;
 pub mod cleanse;
+pub mod clock;
 pub mod containment;
 pub mod dedup;
 pub mod detectors;
+pub mod incidents;
 pub mod labelled;
 pub mod runtime;
 

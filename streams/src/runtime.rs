@@ -186,6 +186,51 @@ pub async fn send_dead_letter(
     Ok(())
 }
 
+/// Who a record a stage gave up on was about, as far as it could be decoded.
+#[derive(Debug, Clone, Default)]
+pub struct Subject {
+    pub tenant: String,
+    pub device: String,
+    pub event_id: Option<String>,
+}
+
+/// The `stage_failure` dead letter of a record `stage` failed on [`containment::MAX_ATTEMPTS`]
+/// times (what [`Stage::give_up`] returns), on the input partition's dead-letter partition.
+pub fn stage_failure(
+    stage: &str,
+    at: Position<'_>,
+    record: &[u8],
+    subject: Subject,
+    error: &str,
+    deadletter: &Arc<str>,
+    deadletter_partitions: i32,
+) -> Vec<Emit> {
+    let dead = DeadLetter {
+        tenant: subject.tenant,
+        device: subject.device,
+        event_id: subject.event_id,
+        stage: stage.into(),
+        rule: containment::STAGE_FAILURE.into(),
+        field: None,
+        reason: format!("the {stage} stage failed on this record: {error}"),
+        source_topic: at.topic.to_owned(),
+        source_partition: at.partition,
+        source_offset: at.offset,
+        source_index: 0,
+        received_at: at.written_at,
+        original: record.to_vec(),
+        measurement: None,
+    };
+    let partition = dead_letter_partition(at.partition, deadletter_partitions);
+    match Emit::record(deadletter, partition, &dead.device, &dead) {
+        Ok(e) => vec![e],
+        Err(e) => {
+            tracing::error!(error = %e, "the stage_failure dead letter could not be encoded");
+            Vec::new()
+        }
+    }
+}
+
 /// A record a stage sends: to `topic`, partition `partition` (or by key when `None`), `value`
 /// `None` is a tombstone (compacted topics: the key's state is gone).
 #[derive(Debug, Clone, PartialEq)]

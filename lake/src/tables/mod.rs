@@ -5,6 +5,8 @@
 //! - [`telemetry`]: clean readings (topic `telemetry`), appended, partitioned by tenant and day;
 //! - [`deadletter`]: rejected inputs (topic `deadletter`), appended, partitioned by tenant and day;
 //! - [`devices`]: the device registry's current state (topic `registry`), one row per device, merged;
+//! - [`anomalies`], [`incidents`]: lifecycle records (topics `anomalies`, `incidents`), merged
+//!   (inserted when absent), partitioned by tenant and day;
 //! - [`usage`]: events and bytes received per tenant, device and hour (topic `raw`), merged (added).
 //!
 //! Timestamps are UTC microseconds (`timestamp`, not `timestamp_ntz`, so every Delta reader can read
@@ -25,13 +27,15 @@ use tributary_schemas::avro::{Provenance, TopicRecord};
 pub mod anomalies;
 pub mod deadletter;
 pub mod devices;
+pub mod incidents;
 pub mod telemetry;
 pub mod usage;
 
 /// Every table the pipeline writes, by name.
-pub const TABLES: [&str; 5] = [
+pub const TABLES: [&str; 6] = [
     <tributary_schemas::Reading as LakeRow>::TABLE,
     <tributary_schemas::avro::Anomaly as LakeRow>::TABLE,
+    <tributary_schemas::avro::Incident as LakeRow>::TABLE,
     <tributary_schemas::DeadLetter as LakeRow>::TABLE,
     <devices::DeviceState as LakeRow>::TABLE,
     <usage::UsageEvent as LakeRow>::TABLE,
