@@ -120,22 +120,19 @@ fn reading(i: u64, series: u64, start: i64) -> Reading {
 
 fn main() {
     let o = options();
-    // sqlite: the memory engine stalls producing past ~50 000 records of this shape; the latency
-    // part alone runs on the memory engine (sqlite's produce path is the bottleneck there).
-    let storage = if o.latency_only {
-        "memory://tansu/"
-    } else {
-        "sqlite://tansu.db"
-    };
-    let mut stack = Stack::start_with_storage(50, &[], storage);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let kafka = KafkaConfig {
+    let kafka_of = |stack: &Stack| KafkaConfig {
         brokers: format!("127.0.0.1:{}", stack.kafka_port),
         ..KafkaConfig::default()
     };
     if !o.latency_only {
-        throughput(&runtime, &kafka, &o);
+        // sqlite: the memory engine stalls producing past ~50 000 records of this shape.
+        let stack = Stack::start_with_storage(50, &[], "sqlite://tansu.db");
+        throughput(&runtime, &kafka_of(&stack), &o);
     }
+    // The memory engine: sqlite's produce path cannot take 10 000 msg/s here.
+    let mut stack = Stack::start_with_storage(50, &[], "memory://tansu/");
+    let kafka = kafka_of(&stack);
     latency(&runtime, &mut stack, &kafka, &o);
 }
 

@@ -16,11 +16,13 @@ use tributary_lake::tables::TABLES;
 #[test]
 fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
     let mut stack = Stack::start(20, &[]);
-    // A detector the simulator's temperatures cross now and then, so `anomalies` has rows too.
+    // A detector the simulator's temperatures cross now and then, so `anomalies` has rows too,
+    // and a rule making each of its anomalies an incident, so `incidents` has rows.
     let config = stack.path().join("tributary.toml");
     std::fs::write(
         &config,
-        "[anomalies.detectors.warm]\nmetric = \"temperature\"\nkind = \"threshold\"\nabove = 20.0\nclear_for_secs = 0\n",
+        "[anomalies.detectors.warm]\nmetric = \"temperature\"\nkind = \"threshold\"\nabove = 20.0\nclear_for_secs = 0\n\
+         [incidents.rules.each]\ncorrelate = \"anomaly\"\n",
     )
     .unwrap();
     stack.set_env("TRIBUTARY_CONFIG", &config.display().to_string());
@@ -49,6 +51,9 @@ fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
     });
     wait_until("anomalies in `anomalies`", Duration::from_secs(30), || {
         stack.count("anomalies") > 0
+    });
+    wait_until("incidents in `incidents`", Duration::from_secs(60), || {
+        stack.count("incidents") > 0
     });
     kill(&mut pipeline);
     // Files written by a compaction (Z-ordered) read the same too.
