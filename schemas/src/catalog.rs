@@ -244,6 +244,39 @@ impl<T: Clone> TenantOverrides<T> {
     }
 }
 
+/// Checked entries: the global ones, and per tenant its own.
+pub type Layered<T> = (Vec<T>, BTreeMap<String, Vec<T>>);
+
+/// Global entries checked, and per tenant the global ones with the tenant's own replacing them by
+/// name (the detector catalog's and the incident rules' layering). `check` turns (name, spec)
+/// into the checked entry or the first error.
+pub fn layer_by_tenant<S, T: Clone, E>(
+    global: &BTreeMap<String, S>,
+    tenants: impl IntoIterator<Item = (String, BTreeMap<String, S>)>,
+    name: fn(&T) -> &str,
+    check: impl Fn(&str, &S) -> Result<T, E>,
+) -> Result<Layered<T>, E> {
+    let check_all = |specs: &BTreeMap<String, S>| {
+        specs
+            .iter()
+            .map(|(n, spec)| check(n, spec))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let global = check_all(global)?;
+    let mut per_tenant = BTreeMap::new();
+    for (tenant, own) in tenants {
+        let own = check_all(&own)?;
+        let mut all: Vec<T> = global
+            .iter()
+            .filter(|g| !own.iter().any(|o| name(o) == name(g)))
+            .cloned()
+            .collect();
+        all.extend(own);
+        per_tenant.insert(tenant, all);
+    }
+    Ok((global, per_tenant))
+}
+
 /// The tenants' catalogs set through the API, as a process follows them on the `catalog` topic.
 pub type CatalogOverrides = TenantOverrides<TenantCatalog>;
 

@@ -659,24 +659,14 @@ impl DetectorCatalog {
         tenants: &BTreeMap<String, TenantDetectors>,
         metrics: Option<&BTreeSet<String>>,
     ) -> Result<Self, DetectorError> {
-        let check_all = |specs: &BTreeMap<String, DetectorSpec>| {
-            specs
+        let (global, per_tenant) = crate::catalog::layer_by_tenant(
+            global,
+            tenants
                 .iter()
-                .map(|(name, spec)| spec.check(name, metrics))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let global = check_all(global)?;
-        let mut per_tenant = BTreeMap::new();
-        for (tenant, own) in tenants {
-            let own = check_all(&own.detectors)?;
-            let mut all: Vec<Detector> = global
-                .iter()
-                .filter(|g| !own.iter().any(|o| o.name == g.name))
-                .cloned()
-                .collect();
-            all.extend(own);
-            per_tenant.insert(tenant.clone(), all);
-        }
+                .map(|(t, d)| (t.clone(), d.detectors.clone())),
+            |d: &Detector| d.name.as_str(),
+            |name, spec: &DetectorSpec| spec.check(name, metrics),
+        )?;
         Ok(Self {
             global,
             tenants: per_tenant,

@@ -308,24 +308,12 @@ impl IncidentRules {
         global: &BTreeMap<String, IncidentRuleSpec>,
         tenants: &BTreeMap<String, TenantIncidentRules>,
     ) -> Result<Self, IncidentRuleError> {
-        let check_all = |specs: &BTreeMap<String, IncidentRuleSpec>| {
-            specs
-                .iter()
-                .map(|(name, spec)| spec.check(name))
-                .collect::<Result<Vec<_>, _>>()
-        };
-        let global = check_all(global)?;
-        let mut per_tenant = BTreeMap::new();
-        for (tenant, own) in tenants {
-            let own = check_all(&own.rules)?;
-            let mut all: Vec<IncidentRule> = global
-                .iter()
-                .filter(|g| !own.iter().any(|o| o.name == g.name))
-                .cloned()
-                .collect();
-            all.extend(own);
-            per_tenant.insert(tenant.clone(), all);
-        }
+        let (global, per_tenant) = crate::catalog::layer_by_tenant(
+            global,
+            tenants.iter().map(|(t, r)| (t.clone(), r.rules.clone())),
+            |r: &IncidentRule| r.name.as_str(),
+            |name, spec: &IncidentRuleSpec| spec.check(name),
+        )?;
         Ok(Self {
             global,
             tenants: per_tenant,

@@ -7,18 +7,11 @@
 //! weeks, nor an anomaly open since last month). Outputs of telemetry partition *p* go to
 //! partition *p* of `anomalies` (key = device, so per device in order).
 //!
-//! The clock. Missing heartbeats and quiet periods need time to pass without readings. Each
-//! partition's clock is its event-time watermark (the latest reading's time) less
-//! `anomalies.clock_grace_secs`; every time it crosses a multiple of `anomalies.sweep_secs`, at that
-//! reading, every series of the partition is advanced ([`Series::advance`]): deterministic on
-//! replay. When the stage is caught up and its input is quiet (a whole partition gone silent),
-//! the clock goes on by the wall time passed since the partition's last record was written to
-//! `telemetry` (its Kafka timestamp), at most one sweep per `anomalies.sweep_secs`: a partition
-//! quiet for 5 minutes has its clock 5 minutes past its newest reading, also when those readings
-//! are hours old (a backfill does not make every device look silent). That decides only *when*
-//! an anomaly is published: its id and start time are functions of the readings alone (a
-//! heartbeat's start is the last reading plus the interval), so a rebuild or a replay after a
-//! crash gives the same ids.
+//! The clock. Missing heartbeats and quiet periods need time to pass without readings: each
+//! partition's event-time clock ([`PartitionClocks`], `clock.rs`) decides when every series of
+//! the partition is advanced ([`Series::advance`]). That decides only *when* an anomaly is
+//! published: its id and start time are functions of the readings alone (a heartbeat's start is
+//! the last reading plus the interval), so a rebuild or a replay after a crash gives the same ids.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -445,16 +438,9 @@ impl Stage for AnomalyRun {
     fn open(&mut self, partitions: &HashMap<String, i32>) -> Result<(), StreamError> {
         self.anomaly_parts = partitions[&*self.anomalies];
         self.deadletter_parts = partitions[&*self.deadletter];
-        let changelog = partitions[&**self.detection.state.topic()];
-        let input = partitions[&self.input];
-        if changelog < input {
-            return Err(StreamError::State(format!(
-                "the changelog `{}` has {changelog} partitions, fewer than `{}` ({input}): recreate it with as many",
-                self.detection.state.topic(),
-                self.input
-            )));
-        }
-        Ok(())
+        self.detection
+            .state
+            .check_partitions(partitions, &self.input)
     }
 
     fn restore(

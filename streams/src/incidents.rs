@@ -1006,16 +1006,9 @@ impl Stage for IncidentRun {
     fn open(&mut self, partitions: &HashMap<String, i32>) -> Result<(), StreamError> {
         self.incident_parts = partitions[&*self.incidents];
         self.deadletter_parts = partitions[&*self.deadletter];
-        let changelog = partitions[&**self.correlator.state.topic()];
-        let input = partitions[&self.input];
-        if changelog < input {
-            return Err(StreamError::State(format!(
-                "the changelog `{}` has {changelog} partitions, fewer than `{}` ({input}): recreate it with as many",
-                self.correlator.state.topic(),
-                self.input
-            )));
-        }
-        Ok(())
+        self.correlator
+            .state
+            .check_partitions(partitions, &self.input)
     }
 
     fn restore(&mut self, kafka: &KafkaConfig, partition: i32, _: i64) -> Result<(), StreamError> {

@@ -577,6 +577,24 @@ impl<S: Serialize + DeserializeOwned + Default> KeyedState<S> {
         &self.topic
     }
 
+    /// Checks the changelog has a partition for each of `input`'s (`partitions`: the counts
+    /// [`Stage::open`] is given).
+    pub fn check_partitions(
+        &self,
+        partitions: &HashMap<String, i32>,
+        input: &str,
+    ) -> Result<(), StreamError> {
+        let changelog = partitions.get(&*self.topic).copied().unwrap_or(0);
+        let inputs = partitions.get(input).copied().unwrap_or(0);
+        if changelog < inputs {
+            return Err(StreamError::State(format!(
+                "the changelog `{}` has {changelog} partitions, fewer than `{input}` ({inputs}): recreate it with as many",
+                self.topic
+            )));
+        }
+        Ok(())
+    }
+
     /// Reads `partition`'s changelog to its end (blocking): the state the committed offsets left.
     /// Returns how many keys it holds.
     pub fn restore(&mut self, kafka: &KafkaConfig, partition: i32) -> Result<usize, StreamError> {
