@@ -14,6 +14,7 @@ use tributary_lake::timeseries_sink::TimeSeriesConfig;
 use tributary_query::QueryConfig;
 use tributary_registry::RegistryConfig;
 use tributary_schemas::kafka::KafkaConfig;
+use tributary_streams::alerts::AlertsConfig;
 use tributary_streams::anomaly::AnomalyConfig;
 use tributary_streams::cleanse::CleanseConfig;
 use tributary_streams::incidents::IncidentConfig;
@@ -49,6 +50,7 @@ pub struct Config {
     pub cleanse: CleanseConfig,
     pub anomalies: AnomalyConfig,
     pub incidents: IncidentConfig,
+    pub alerts: AlertsConfig,
     pub lake: LakeConfig,
     pub timeseries: TimeSeriesConfig,
     pub query: QueryConfig,
@@ -155,6 +157,7 @@ impl Config {
                 "kafka.topics.incident_state",
                 &self.kafka.topics.incident_state,
             ),
+            ("kafka.topics.alert_state", &self.kafka.topics.alert_state),
         ] {
             if name.is_empty()
                 || !name
@@ -241,6 +244,9 @@ impl Config {
         if self.incidents.batch_size == 0 {
             return bad("incidents.batch_size", &0, "must be at least 1");
         }
+        if let Err(e) = self.alerts.check() {
+            return Err(ConfigError(e.to_string()));
+        }
         if self.lake.flush_rows == 0 {
             return bad("lake.flush_rows", &0, "must be at least 1");
         }
@@ -301,6 +307,9 @@ impl Config {
             }
         }
         c.query = c.query.redacted();
+        for w in c.alerts.webhooks.values_mut() {
+            w.secret = "<redacted>".into();
+        }
         toml::to_string_pretty(&c).unwrap_or_else(|e| format!("# cannot render: {e}"))
     }
 }

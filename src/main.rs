@@ -6,10 +6,12 @@
 //! ([`maintenance`]). Stage logic lives in the crates; nothing here touches a payload.
 
 mod admin;
+mod alerts_tail;
 mod backtest;
 mod config;
 mod deadletters;
 mod devices;
+mod incident_actions;
 mod maintenance;
 mod pipeline;
 mod progress;
@@ -93,11 +95,23 @@ enum Command {
     Optimize(maintenance::OptimizeArgs),
     /// Delete files a lake table no longer refers to (after compactions and erasures).
     Vacuum(maintenance::VacuumArgs),
+    /// Alerts: follow anomalies and incidents live on a terminal.
+    Alerts {
+        #[command(subcommand)]
+        command: AlertsCommand,
+    },
     /// Anomaly detection: try a detector catalog on history before it pages anyone.
     Anomalies {
         #[command(subcommand)]
         command: AnomaliesCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum AlertsCommand {
+    /// Follow `anomalies` (and `incidents` with `--incidents`) from their end, one line per
+    /// lifecycle record, filtered by tenant and severity.
+    Tail(alerts_tail::TailArgs),
 }
 
 #[derive(Subcommand)]
@@ -255,6 +269,9 @@ fn main() -> anyhow::Result<()> {
             Command::Anomalies {
                 command: AnomaliesCommand::Backtest(args),
             } => backtest::run(&config, args).await,
+            Command::Alerts {
+                command: AlertsCommand::Tail(args),
+            } => alerts_tail::tail(&config, args).await,
         }
     })
 }

@@ -17,6 +17,9 @@
 //!                                  └─▶ incidents: routing ─▶ incident-inputs (re-keyed by rule and
 //!                                      site level / group / device) ─▶ correlation ─▶ incidents
 //!                                      (topic: alerting consumers) ─▶ lake (Delta table `incidents`)
+//!                                                                     └─▶ alerts ─▶ Alertmanager,
+//!                                                                         webhooks per tenant
+//! people ─HTTP─▶ query (/v1/incidents/{id}/acknowledge|snooze|resolve) ─▶ incident-inputs
 //!
 //! telemetry ─▶ timeseries ─line protocol─▶ InfluxDB 2/3 or VictoriaMetrics (tags from registry)
 //!
@@ -54,11 +57,13 @@ use tributary_schemas::detectors::DetectorOverrides;
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::StreamError;
+use tributary_streams::alerts::AlertDelivery;
 use tributary_streams::anomaly::AnomalyStage;
 use tributary_streams::cleanse::CleanseStage;
 use tributary_streams::incidents::{IncidentRouting, IncidentStage};
 
 use crate::config::Config;
+use crate::incident_actions::KafkaIncidentActions;
 
 /// A stage of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -76,6 +81,8 @@ pub enum Stage {
     /// Incidents: anomalies → incident-inputs (routing by rule) → incidents (the `[incidents]`
     /// rules).
     Incidents,
+    /// Alert delivery: incidents → Alertmanager and webhooks (`[alerts]`).
+    Alerts,
     /// Delta sinks: telemetry, deadletter, anomalies, incidents, registry (→ `devices`) and raw (→ `usage`)
     /// → Delta tables.
     Lake,
@@ -261,6 +268,24 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             });
         }
     }
+    if stage.includes(Stage::Alerts) {
+        if config.alerts.enabled() {
+            let delivery = Arc::new(AlertDelivery::new(
+                config.kafka.clone(),
+                config.alerts.clone(),
+            ));
+            supervise(&mut tasks, "alerts", move || {
+                let delivery = delivery.clone();
+                async move { Ok(delivery.run().await?) }
+            });
+        } else if stage.0.contains(&Stage::Alerts) {
+            anyhow::bail!(
+                "stage alerts needs a receiver: set `alerts.alertmanager_url` or `[alerts.webhooks.<name>]`"
+            );
+        } else {
+            tracing::info!("no alert receivers ([alerts]): incidents are delivered to none");
+        }
+    }
     if stage.includes(Stage::Query) {
         spawn_query(&mut tasks, &config, stage.0.contains(&Stage::Query))?;
     }
@@ -307,7 +332,8 @@ fn spawn_query(
     let service = Arc::new(QueryService::new(config.lake.clone(), query.limits()));
     if !query.http_listen.is_empty() {
         let http = SqlHttp::new(service.clone(), query.clone())
-            .with_openapi(tributary_ingest::http::OPENAPI);
+            .with_openapi(tributary_ingest::http::OPENAPI)
+            .with_incidents(KafkaIncidentActions::new(&config.kafka)?);
         let listen = query.http_listen.clone();
         tasks.spawn(async move {
             http.serve(&listen)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the local stack and the tests need, skipping whatever is already there:
-# Debian's mosquitto, victoria-metrics, postgresql-client and openssl, Tansu 0.6.0 (Kafka-compatible
+# Debian's mosquitto, victoria-metrics, prometheus-alertmanager, postgresql-client and openssl, Tansu 0.6.0 (Kafka-compatible
 # broker) from crates.io, and deltalake + polars + moto (PyPI, in a venv) for the interop and S3
 # tests. Safe to run again.
 set -euo pipefail
@@ -13,6 +13,7 @@ command -v psql >/dev/null 2>&1 || need_apt+=(postgresql-client)
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)   # test key pairs (Ed25519)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)         # stack.sh creates the S3 bucket
+command -v prometheus-alertmanager >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)  # incident delivery
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing Debian packages: ${need_apt[*]}"
   sudo_cmd=""
@@ -21,9 +22,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 # The Debian package starts a system-wide mosquitto on :1883; the local stack runs its own.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
-  systemctl stop mosquitto || true
-fi
+# Likewise prometheus-alertmanager on :9093.
+for unit in mosquitto prometheus-alertmanager; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$unit" 2>/dev/null; then
+    systemctl stop "$unit" || true
+  fi
+done
 
 if ! command -v tansu >/dev/null 2>&1 || ! tansu --version 2>/dev/null | grep -q '0\.6\.0'; then
   echo "installing tansu 0.6.0 from crates.io (a ~20 minute release build on 2 cores, once)"

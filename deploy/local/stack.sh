@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Starts or stops the local stack on loopback only: Tansu (Kafka-compatible broker), Mosquitto (MQTT,
 # password file + per-device ACL), VictoriaMetrics (InfluxDB line protocol) and, on request, an
-# S3-compatible object store (moto's server, which honours conditional puts) for an `s3://` lake.
+# S3-compatible object store (moto's server, which honours conditional puts) for an `s3://` lake
+# and Prometheus Alertmanager (incident delivery; clustering off).
 #
 #   deploy/local/stack.sh up | down | status [service...]   (services: tansu mosquitto victoria-metrics
-#                                                            s3; default: all but s3)
+#                                                            s3 alertmanager; default: all but s3
+#                                                            and alertmanager)
 #   deploy/local/stack.sh pause | resume <service...>      freeze / thaw a running service (SIGSTOP /
 #                                                            SIGCONT), e.g. to test a broker outage
 #
 # Environment (defaults in brackets):
 #   STACK_DIR [./data/local]   state, logs, pid files and generated configs
 #   KAFKA_PORT [9092]  MQTT_PORT [1883]  VM_PORT [8428]  S3_PORT [9000]  S3_BUCKET [tributary-lake]
+#   AM_PORT [9093]  AM_WEBHOOK_URL []  Alertmanager's port; a webhook its one route notifies (none:
+#                                      alerts are kept and shown, not sent anywhere)
 #   TRIBUTARY_VENV [~/.cache/tributary/venv]   where install.sh put moto
 #   KAFKA_STORAGE [memory://tansu/]  or sqlite://tansu.db (durable; relative to STACK_DIR)
 #   STACK_VM [1]               0 to skip VictoriaMetrics
@@ -26,6 +30,8 @@ MQTT_PORT=${MQTT_PORT:-1883}
 VM_PORT=${VM_PORT:-8428}
 S3_PORT=${S3_PORT:-9000}
 S3_BUCKET=${S3_BUCKET:-tributary-lake}
+AM_PORT=${AM_PORT:-9093}
+AM_WEBHOOK_URL=${AM_WEBHOOK_URL:-}
 VENV=${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}
 KAFKA_STORAGE=${KAFKA_STORAGE:-memory://tansu/}
 STACK_VM=${STACK_VM:-1}
@@ -39,10 +45,10 @@ if [ ${#SERVICES[@]} -eq 0 ]; then
   SERVICES=(tansu mosquitto)
   # `down` and `status` cover every service, whatever STACK_VM says.
   if [ "$STACK_VM" = 1 ] || [ "$ACTION" != up ]; then SERVICES+=(victoria-metrics); fi
-  if [ "$ACTION" != up ]; then SERVICES+=(s3); fi
+  if [ "$ACTION" != up ]; then SERVICES+=(s3 alertmanager); fi
 fi
 for s in "${SERVICES[@]}"; do
-  case "$s" in tansu|mosquitto|victoria-metrics|s3) ;; *) echo "unknown service: $s" >&2; exit 2 ;; esac
+  case "$s" in tansu|mosquitto|victoria-metrics|s3|alertmanager) ;; *) echo "unknown service: $s" >&2; exit 2 ;; esac
 done
 want() { local s; for s in "${SERVICES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
@@ -118,6 +124,28 @@ case "$ACTION" in
       start victoria-metrics victoria-metrics -httpListenAddr "127.0.0.1:$VM_PORT" -storageDataPath "$STACK_DIR/victoria-metrics" \
         -dedup.minScrapeInterval=1ms
     fi
+    if want alertmanager; then
+      command -v prometheus-alertmanager >/dev/null || { echo "prometheus-alertmanager is not installed: run deploy/local/install.sh" >&2; exit 1; }
+      {
+        echo "route:"
+        echo "  receiver: default"
+        echo "  group_by: [incident_id]"
+        echo "  group_wait: 1s"
+        echo "  group_interval: 5s"
+        echo "  repeat_interval: 1m"
+        echo "receivers:"
+        echo "  - name: default"
+        if [ -n "$AM_WEBHOOK_URL" ]; then
+          echo "    webhook_configs:"
+          echo "      - url: '$AM_WEBHOOK_URL'"
+          echo "        send_resolved: true"
+        fi
+      } >"$STACK_DIR/alertmanager.yml"
+      mkdir -p "$STACK_DIR/alertmanager"
+      start alertmanager prometheus-alertmanager --config.file="$STACK_DIR/alertmanager.yml" \
+        --storage.path="$STACK_DIR/alertmanager" --web.listen-address="127.0.0.1:$AM_PORT" \
+        --cluster.listen-address=
+    fi
     if want s3; then
       [ -x "$VENV/bin/moto_server" ] || { echo "moto is not installed: run deploy/local/install.sh" >&2; exit 1; }
       start s3 "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT"
@@ -125,6 +153,7 @@ case "$ACTION" in
     ! want tansu || wait_port "$KAFKA_PORT" tansu
     ! want mosquitto || wait_port "$MQTT_PORT" mosquitto
     ! want victoria-metrics || wait_port "$VM_PORT" victoria-metrics
+    ! want alertmanager || wait_port "$AM_PORT" alertmanager
     if want s3; then
       wait_port "$S3_PORT" s3
       # The lake's bucket (moto keeps objects in memory: a new server starts empty).
@@ -133,7 +162,7 @@ case "$ACTION" in
     echo "stack up (${SERVICES[*]}): kafka 127.0.0.1:$KAFKA_PORT, mqtt 127.0.0.1:$MQTT_PORT, victoria-metrics 127.0.0.1:$VM_PORT (state in $STACK_DIR)"
     ;;
   down)
-    for name in s3 victoria-metrics mosquitto tansu; do
+    for name in alertmanager s3 victoria-metrics mosquitto tansu; do
       if want "$name" && [ -f "$STACK_DIR/$name.pid" ]; then
         pid=$(cat "$STACK_DIR/$name.pid")
         kill "$pid" 2>/dev/null || true

@@ -119,6 +119,9 @@ async fn openapi_document_describes_exactly_the_served_routes() {
         "/v1/groups",
         "/v1/tenants/{tenant}/catalog",
         "/v1/tenants/{tenant}/detectors",
+        "/v1/incidents",
+        "/v1/incidents/{id}",
+        "/v1/incidents/{id}/acknowledge",
     ] {
         assert!(paths.contains_key(served), "{served} is documented");
     }

@@ -1,4 +1,4 @@
-//! `POST /v1/sql`: SQL over HTTP, authenticated, answered as JSON, CSV, Arrow IPC stream or Parquet.
+//! `POST /v1/sql`: SQL over HTTP (and the incident lifecycle, `incidents.rs`), authenticated, answered as JSON, CSV, Arrow IPC stream or Parquet.
 //!
 //! Request: `{"sql": "SELECT …", "format": "json" | "csv" | "arrow" | "parquet"}`; without `format`,
 //! the `Accept` header chooses (JSON by default). Credentials: `Authorization: Bearer <token>` or
@@ -26,6 +26,7 @@ use serde_json::json;
 
 use crate::config::{Principal, QueryConfig};
 use crate::format::{StreamEncoder, WireFormat};
+use crate::incidents::IncidentActionLog;
 use crate::{QueryError, QueryService, QueryStream};
 
 /// Bytes encoded before the response starts.
@@ -36,10 +37,12 @@ pub struct SqlHttp {
     state: Arc<HttpState>,
 }
 
-struct HttpState {
-    service: Arc<QueryService>,
-    config: QueryConfig,
+pub(crate) struct HttpState {
+    pub(crate) service: Arc<QueryService>,
+    pub(crate) config: QueryConfig,
     openapi: Option<&'static str>,
+    /// Where incident actions are recorded (`None`: the incident routes only read).
+    pub(crate) incidents: Option<Arc<dyn IncidentActionLog>>,
 }
 
 #[derive(Deserialize)]
@@ -57,6 +60,7 @@ impl SqlHttp {
                 service,
                 config,
                 openapi: None,
+                incidents: None,
             }),
         }
     }
@@ -69,10 +73,19 @@ impl SqlHttp {
         self
     }
 
+    /// Also records people's actions on incidents (`POST /v1/incidents/{id}/…`) in `log`.
+    pub fn with_incidents(mut self, log: Arc<dyn IncidentActionLog>) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.incidents = Some(log);
+        }
+        self
+    }
+
     pub fn router(&self) -> Router {
         let openapi = self.state.openapi;
         let mut router = Router::new()
             .route("/v1/sql", post(sql))
+            .merge(crate::incidents::routes())
             .route("/healthz", get(|| async { "ok" }));
         if let Some(doc) = openapi {
             router = router.route(
@@ -92,7 +105,7 @@ impl SqlHttp {
 }
 
 /// The principal the request's credentials name.
-fn authenticate(config: &QueryConfig, headers: &HeaderMap) -> Option<Principal> {
+pub(crate) fn authenticate(config: &QueryConfig, headers: &HeaderMap) -> Option<Principal> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, credentials) = value.split_once(' ')?;
     match scheme.to_ascii_lowercase().as_str() {
@@ -109,7 +122,11 @@ fn authenticate(config: &QueryConfig, headers: &HeaderMap) -> Option<Principal> 
     }
 }
 
-fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) -> Response {
+pub(crate) fn error(
+    status: StatusCode,
+    message: impl Into<String>,
+    field: Option<&str>,
+) -> Response {
     let mut body = json!({ "error": message.into() });
     if let Some(f) = field {
         body["field"] = json!(f);
@@ -128,7 +145,7 @@ fn error(status: StatusCode, message: impl Into<String>, field: Option<&str>) ->
     resp
 }
 
-fn query_error(e: QueryError, principal: &Principal) -> Response {
+pub(crate) fn query_error(e: QueryError, principal: &Principal) -> Response {
     let status = StatusCode::from_u16(e.codes().http).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     tracing::info!(user = %principal.user, status = status.as_u16(), error = %e, "sql refused");
     error(status, e.to_string(), None)

@@ -2,20 +2,23 @@
 //!
 //! This crate owns the query engine: [`QueryService`] (a session per query over the latest version
 //! of every Delta table, tenant isolation below SQL, role checks, the limits of one query), its
-//! endpoints ([`http`]: `POST /v1/sql`; [`pg`]: the Postgres wire protocol with an emulated
+//! endpoints ([`http`]: `POST /v1/sql`; [`incidents`]: the incident lifecycle API over the
+//! `incidents` table, actions handed to an [`incidents::IncidentActionLog`]; [`pg`]: the Postgres wire protocol with an emulated
 //! `pg_catalog`), their configuration ([`config`]), result formats ([`format`]), how a Delta
 //! version is read ([`snapshot_table`]: the log's files through DataFusion's Parquet scan), what
 //! the sessions add to DataFusion ([`functions`]: UTC `date_trunc`; [`count_from_statistics`]:
 //! counts per partition from the log's row counts), and [`SqlEngine`], the local operator's engine
 //! behind `tributary sql`, dead-letter tools and rebuild checks.
 //!
-//! It must not touch: Kafka, or any table's data (it only reads).
+//! It must not touch: Kafka (incident actions go through the log the process hands in), or any
+//! table's data (it only reads).
 
 pub mod config;
 pub mod count_from_statistics;
 pub mod format;
 pub mod functions;
 pub mod http;
+pub mod incidents;
 pub mod pg;
 pub mod service;
 pub mod snapshot_table;

@@ -273,6 +273,10 @@ pub struct Incident {
     pub members: Vec<String>,
     pub devices: Vec<String>,
     pub metrics: Vec<String>,
+    #[serde(default)]
+    pub detectors: Vec<String>,
+    #[serde(default)]
+    pub correlation_key: String,
     pub member_count: i32,
     pub open_members: i32,
     pub device_count: i32,
@@ -423,7 +427,9 @@ impl SchemaId {
     pub const CATALOG_EVENT: u32 = 11;
     pub const ANOMALY: u32 = 12;
     pub const DETECTOR_EVENT: u32 = 15;
-    pub const INCIDENT: u32 = 16;
+    /// `incident.v1.avsc`: before `detectors` and `correlation_key`; still read.
+    pub const INCIDENT_V1: u32 = 16;
+    pub const INCIDENT: u32 = 18;
     pub const INCIDENT_INPUT: u32 = 17;
 }
 
@@ -449,7 +455,13 @@ topic_record!(
     ]
 );
 topic_record!(Anomaly, "Anomaly", SchemaId::ANOMALY, "anomaly.avsc");
-topic_record!(Incident, "Incident", SchemaId::INCIDENT, "incident.avsc");
+topic_record!(
+    Incident,
+    "Incident",
+    SchemaId::INCIDENT,
+    "incident.avsc",
+    earlier: [(SchemaId::INCIDENT_V1, "incident.v1.avsc")]
+);
 topic_record!(
     IncidentInput,
     "IncidentInput",
@@ -837,6 +849,8 @@ mod tests {
             members: vec!["a".into(), "b".into()],
             devices: vec!["d1".into(), "d2".into()],
             metrics: vec!["temperature".into()],
+            detectors: vec!["hot".into()],
+            correlation_key: "north\u{1f}hall 3".into(),
             member_count: 2,
             open_members: 1,
             device_count: 2,
@@ -853,6 +867,15 @@ mod tests {
         let bytes = encode(&incident).unwrap();
         assert_eq!(&bytes[1..5], &SchemaId::INCIDENT.to_be_bytes());
         assert_eq!(decode::<Incident>(&bytes).unwrap(), incident);
+        // A record of the first schema (before detectors and the correlation key) is still read.
+        let old = as_earlier(&incident, &["detectors", "correlation_key"]);
+        assert_eq!(&old[1..5], &SchemaId::INCIDENT_V1.to_be_bytes());
+        let read = decode::<Incident>(&old).unwrap();
+        assert_eq!(
+            (read.detectors.len(), read.correlation_key.as_str()),
+            (0, "")
+        );
+        assert_eq!(read.members, incident.members);
         for input in [
             IncidentInput {
                 tenant: "acme".into(),

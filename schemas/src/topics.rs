@@ -31,6 +31,9 @@ pub struct Topics {
     pub incidents: String,
     /// The incident stage's state changelog, compacted, key = tenant, rule and correlation key.
     pub incident_state: String,
+    /// The alert delivery stage's state changelog, compacted, key = incident id: what each
+    /// receiver has been told (internal to the stage).
+    pub alert_state: String,
 }
 
 impl Default for Topics {
@@ -47,6 +50,7 @@ impl Default for Topics {
             incident_inputs: "incident-inputs".into(),
             incidents: "incidents".into(),
             incident_state: "incident-state".into(),
+            alert_state: "alert-state".into(),
         }
     }
 }
@@ -86,7 +90,12 @@ impl Topics {
         .collect();
         // Compacted, key = device / series: the latest record per key is the state. The
         // anomaly stage's changelog has a partition per `telemetry` partition.
-        for name in [&self.registry, &self.anomaly_state, &self.incident_state] {
+        for name in [
+            &self.registry,
+            &self.anomaly_state,
+            &self.incident_state,
+            &self.alert_state,
+        ] {
             specs.push(TopicSpec {
                 name: name.clone(),
                 partitions,

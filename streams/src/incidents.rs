@@ -519,6 +519,7 @@ impl Tracked {
             .collect();
         let devices: BTreeSet<&str> = members.iter().map(|m| m.device.as_str()).collect();
         let metrics: BTreeSet<&str> = members.iter().map(|m| m.metric.as_str()).collect();
+        let detectors: BTreeSet<&str> = members.iter().map(|m| m.detector.as_str()).collect();
         let site = common_prefix(members.iter().map(|m| m.site.as_slice()));
         let group = members
             .first()
@@ -578,6 +579,8 @@ impl Tracked {
                 .take(MAX_LISTED)
                 .map(|m| (*m).to_owned())
                 .collect(),
+            detectors: detectors.iter().map(|d| (*d).to_owned()).collect(),
+            correlation_key: key.to_owned(),
             member_count: members.len() as i32,
             open_members: open as i32,
             device_count: devices.len() as i32,

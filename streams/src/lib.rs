@@ -4,14 +4,17 @@
 //! containment, commits after outputs and state changelogs, keyed state restored consistently with
 //! the committed offsets), and the processing stages on it: cleanse ([`cleanse::CleanseStage`]:
 //! `raw` → `telemetry` + `deadletter`) and anomaly detection ([`anomaly::AnomalyStage`]:
-//! `telemetry` → `anomalies`). Their logic is pure and testable without servers
+//! `telemetry` → `anomalies`), incidents ([`incidents`]: `anomalies` → `incidents`) and their
+//! delivery ([`alerts::AlertDelivery`]: `incidents` → Alertmanager and webhooks). Their logic is pure and testable without servers
 //! ([`cleanse::Cleanser`], [`dedup::DedupWindow`], [`detectors::Series`]); [`labelled`] is the
 //! ground truth detection is scored against (labelled anomalies the simulator sends). The catalogs they apply
 //! are contracts (`tributary_schemas::catalog`, `tributary_schemas::detectors`). Each stage is one
 //! consumer group and scales out by adding instances.
 //!
-//! It must not touch: the lake, the device-facing endpoints, or the bytes of the raw topic (read only).
+//! It must not touch: the lake, the device-facing endpoints, or the bytes of the raw topic (read
+//! only). Alert delivery is the one stage that speaks HTTP, and only to the receivers configured.
 
+pub mod alerts;
 pub mod anomaly;
 pub mod cleanse;
 pub mod clock;

@@ -288,6 +288,11 @@ pub trait Stage: Send {
     /// Names the consumer group (`<prefix>-<NAME>`) and the stage in dead letters.
     const NAME: &'static str;
 
+    /// Restore a partition's state as soon as it is assigned (offset `-1`), not on its first
+    /// record: for stages whose timers must act on restored state before anything new arrives
+    /// (alert delivery retrying what a crashed member had not delivered).
+    const RESTORE_ON_ASSIGN: bool = false;
+
     /// The topic consumed.
     fn input(&self) -> &str;
 
@@ -299,7 +304,7 @@ pub trait Stage: Send {
     fn open(&mut self, partitions: &HashMap<String, i32>) -> Result<(), StreamError>;
 
     /// Rebuilds the state of `partition`, newly assigned, whose first record to process is at
-    /// `offset`. Blocking is fine (the runtime calls it off the async workers).
+    /// `offset` (`-1` when [`Stage::RESTORE_ON_ASSIGN`]). Blocking is fine (the runtime calls it off the async workers).
     fn restore(
         &mut self,
         kafka: &KafkaConfig,
@@ -433,6 +438,13 @@ pub async fn run<S: Stage>(
                 stage.revoke(p);
                 restored.remove(&p);
                 next_offsets.remove(&p);
+            }
+            if S::RESTORE_ON_ASSIGN {
+                for p in polled.assigned {
+                    if restored.insert(p) {
+                        tokio::task::block_in_place(|| stage.restore(kafka, p, -1))?;
+                    }
+                }
             }
             let Some(msg) = polled.record else {
                 if in_batch > 0 {
@@ -691,6 +703,16 @@ impl<S: Serialize + DeserializeOwned + Default> KeyedState<S> {
     /// How many keys `partition` holds.
     pub fn len(&self, partition: i32) -> usize {
         self.parts.get(&partition).map_or(0, |p| p.entries.len())
+    }
+
+    /// `key`'s state in `partition`, if held, marked changed (its changelog record is due).
+    pub fn get_mut(&mut self, partition: i32, key: &str) -> Option<&mut S> {
+        let part = self.parts.get_mut(&partition)?;
+        let entry = part.entries.get_mut(key)?;
+        if !part.dirty.contains(key) {
+            part.dirty.insert(key.to_owned());
+        }
+        Some(&mut entry.state)
     }
 
     /// Drops `key`'s state (a tombstone goes to the changelog).

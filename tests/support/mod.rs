@@ -51,6 +51,8 @@ pub struct Stack {
     pub vm_port: u16,
     /// The S3-compatible store's port, when a test starts it ([`Stack::start_object_store`]).
     pub s3_port: u16,
+    /// Alertmanager's port, when a test starts it ([`Stack::start_alertmanager`]).
+    pub am_port: u16,
     env: Vec<(String, String)>,
     stack_env: Vec<(String, String)>,
     /// Every process a test started, killed when the stack goes (also when a test panics).
@@ -71,7 +73,8 @@ impl Stack {
         kafka_storage: &str,
     ) -> Stack {
         let dir = tempfile::tempdir().unwrap();
-        let (kafka_port, mqtt_port, http_port, vm_port, s3_port) = (
+        let (kafka_port, mqtt_port, http_port, vm_port, s3_port, am_port) = (
+            free_port(),
             free_port(),
             free_port(),
             free_port(),
@@ -114,6 +117,7 @@ impl Stack {
             ("STACK_VM", "0".into()),
             ("VM_PORT", vm_port.to_string()),
             ("S3_PORT", s3_port.to_string()),
+            ("AM_PORT", am_port.to_string()),
             ("KAFKA_STORAGE", kafka_storage.into()),
         ]
         .into_iter()
@@ -126,6 +130,7 @@ impl Stack {
             http_port,
             vm_port,
             s3_port,
+            am_port,
             env: env.clone(),
             stack_env,
             children: Default::default(),
@@ -216,6 +221,18 @@ impl Stack {
         ));
         std::fs::write(&config, toml).unwrap();
         self.set_env("TRIBUTARY_LAKE__URL", "s3://tributary-lake/lake");
+    }
+
+    /// Starts Alertmanager (`stack.sh up alertmanager`) and points `alerts.alertmanager_url` at it.
+    pub fn start_alertmanager(&mut self) {
+        self.service("up", &["alertmanager"]);
+        let url = self.alertmanager_url();
+        self.set_env("TRIBUTARY_ALERTS__ALERTMANAGER_URL", &url);
+    }
+
+    /// Alertmanager's base URL.
+    pub fn alertmanager_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.am_port)
     }
 
     /// VictoriaMetrics' base URL.
