@@ -158,6 +158,10 @@ impl Config {
                 &self.kafka.topics.incident_state,
             ),
             ("kafka.topics.alert_state", &self.kafka.topics.alert_state),
+            (
+                "kafka.topics.incident_rules",
+                &self.kafka.topics.incident_rules,
+            ),
         ] {
             if name.is_empty()
                 || !name

@@ -11,6 +11,7 @@
 //!                                                 └─▶ lake (Delta table `devices`)
 //! admins ─HTTP─▶ http (/v1/tenants/{t}/catalog) ─▶ catalog ─▶ the metric catalog of cleanse
 //! admins ─HTTP─▶ http (/v1/tenants/{t}/detectors) ─▶ detector-catalog ─▶ the detectors of anomalies
+//! admins ─HTTP─▶ http (/v1/tenants/{t}/incident-rules) ─▶ incident-rules ─▶ the rules of incident-routing and incidents
 //!
 //! telemetry ─▶ anomalies ─▶ anomalies (topic: alerting consumers) ─▶ lake (Delta table `anomalies`)
 //!                                  │
@@ -49,11 +50,13 @@ use tributary_registry::api::RegistryApi;
 use tributary_registry::catalog::CatalogWriter;
 use tributary_registry::detectors::DetectorWriter;
 use tributary_registry::follower;
+use tributary_registry::incident_rules::IncidentRuleWriter;
 use tributary_registry::self_registration::SelfRegistration;
 use tributary_registry::writer::RegistryWriter;
 use tributary_schemas::avro::{Anomaly, Incident};
 use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::detectors::DetectorOverrides;
+use tributary_schemas::incidents::IncidentRuleOverrides;
 use tributary_schemas::registry::DeviceRegistry;
 use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::StreamError;
@@ -132,6 +135,17 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             Ok("detector follower")
         });
     }
+    // Tenants' incident rules set through the API: the admin API (http) and the incident stages.
+    let incident_rules = Arc::new(IncidentRuleOverrides::default());
+    if stage.includes(Stage::Http) || stage.includes(Stage::Incidents) {
+        let follower = follower::follow_incident_rules(&config.kafka, incident_rules.clone())
+            .await
+            .context("loading the tenants' incident rules from their topic")?;
+        tasks.spawn(async move {
+            follower.await?;
+            Ok("incident rule follower")
+        });
+    }
     // The config file's detectors (checked with the config), under the API's.
     let detector_base = config.anomalies.base(config.cleanse.metric_names());
     let timeseries = stage.includes(Stage::Timeseries) && config.timeseries.enabled();
@@ -190,10 +204,16 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
                 detector_base.clone(),
                 detectors.clone(),
             )?);
+            let rules = Arc::new(IncidentRuleWriter::new(
+                &config.kafka,
+                config.incidents.base(),
+                incident_rules.clone(),
+            )?);
             let admin = RegistryApi::new(
                 writer.clone(),
                 catalog,
                 detectors,
+                rules,
                 config.registry.admin_token.as_deref(),
             );
             let mut http = HttpIngest::new(config.http.clone(), registry.clone(), producer.clone())
@@ -244,29 +264,25 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
         });
     }
     if stage.includes(Stage::Incidents) {
-        let rules = Arc::new(config.incidents.compile().context("incident rules")?);
-        if rules.is_empty() {
-            tracing::info!("no incident rules ([incidents.rules]): the incident stages do not run");
-        } else {
-            let routing = Arc::new(IncidentRouting::new(
-                config.kafka.clone(),
-                config.incidents.clone(),
-                rules.clone(),
-            ));
-            supervise(&mut tasks, "incident-routing", move || {
-                let routing = routing.clone();
-                async move { Ok(routing.run().await?) }
-            });
-            let incidents = Arc::new(IncidentStage::new(
-                config.kafka.clone(),
-                config.incidents.clone(),
-                rules,
-            ));
-            supervise(&mut tasks, "incidents", move || {
-                let incidents = incidents.clone();
-                async move { Ok(incidents.run().await?) }
-            });
-        }
+        // With no rule anywhere yet (config file or admin API) both wait for the first.
+        let routing = Arc::new(IncidentRouting::new(
+            config.kafka.clone(),
+            config.incidents.clone(),
+            incident_rules.clone(),
+        ));
+        supervise(&mut tasks, "incident-routing", move || {
+            let routing = routing.clone();
+            async move { Ok(routing.run().await?) }
+        });
+        let incidents = Arc::new(IncidentStage::new(
+            config.kafka.clone(),
+            config.incidents.clone(),
+            incident_rules.clone(),
+        ));
+        supervise(&mut tasks, "incidents", move || {
+            let incidents = incidents.clone();
+            async move { Ok(incidents.run().await?) }
+        });
     }
     if stage.includes(Stage::Alerts) {
         if config.alerts.enabled() {

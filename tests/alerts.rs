@@ -4,7 +4,8 @@
 //! through the API silences tenant-1's in Alertmanager and stops its re-notification, a manual
 //! resolve ends tenant-2's; tenant-1's webhook receiver, down (503) while the incident opens and
 //! up later, gets every lifecycle change exactly once, signed, under a delivery id that stayed the
-//! same across the retries.
+//! same across the retries. The incident rules come through the admin API, and an ordinary Kafka
+//! consumer outside the process (docs/examples/alert_consumer.py) follows the whole story.
 
 mod support;
 
@@ -18,7 +19,7 @@ use axum::http::{HeaderMap, StatusCode};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-use support::{Stack, free_port, kill, post, request, wait_until};
+use support::{Stack, free_port, kill, post, python, repo, request, wait_until};
 use tributary_schemas::registry::token_hash;
 
 const SECRET: &str = "tenant-1-webhook-secret";
@@ -151,10 +152,6 @@ severity = "critical"
 clock_grace_secs = 2
 sweep_secs = 1
 
-[incidents.rules.each]
-correlate = "anomaly"
-quiet_secs = 5
-
 [alerts]
 repost_secs = 2
 retry_max_secs = 1
@@ -216,6 +213,65 @@ role = "compliance"
 
     let mut pipeline = stack.spawn_pipeline(0);
     let secrets = stack.secrets();
+
+    // The rules, per tenant, over the admin API: one that cannot work is refused naming the field.
+    let rules = |tenant: &str| {
+        format!(
+            "http://127.0.0.1:{}/v1/tenants/{tenant}/incident-rules",
+            stack.http_port
+        )
+    };
+    let (status, body) = request(
+        "PUT",
+        &rules("tenant-1"),
+        support::ADMIN_TOKEN,
+        "application/json",
+        &json!({"rules": {"each": {"quiet_secs": 5}}}).to_string(),
+    );
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (400, Some("rules.each.correlate")),
+        "{body}"
+    );
+    for tenant in ["tenant-1", "tenant-2"] {
+        let each = json!({"rules": {"each": {"correlate": "anomaly", "quiet_secs": 5}}});
+        let (status, body) = request(
+            "PUT",
+            &rules(tenant),
+            support::ADMIN_TOKEN,
+            "application/json",
+            &each.to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["source"], "api");
+        assert_eq!(body["rules"]["each"]["correlate"], "anomaly");
+    }
+    assert_eq!(
+        request(
+            "PUT",
+            &rules("tenant-1"),
+            "not-admin",
+            "application/json",
+            "{}"
+        )
+        .0,
+        401
+    );
+
+    // The outside consumer, from before the first incident.
+    let consumer = std::process::Command::new(python())
+        .arg(repo().join("docs/examples/alert_consumer.py"))
+        .args(["--brokers", &format!("127.0.0.1:{}", stack.kafka_port)])
+        .args(["--topic", "incidents", "--group", "test-oncall"])
+        .args([
+            "--schemas",
+            &repo().join("schemas/avro").display().to_string(),
+        ])
+        .args(["--idle", "8", "--timeout", "300"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the venv's python: run deploy/local/install.sh");
     assert_eq!(
         (secrets[0]["tenant"].as_str(), secrets[1]["tenant"].as_str()),
         (Some("tenant-1"), Some("tenant-2"))
@@ -451,5 +507,34 @@ role = "compliance"
     assert_eq!(lines.len(), 3, "{tail}");
     assert!(lines.iter().all(|l| l["tenant"] == "tenant-1"), "{tail}");
     assert_eq!(lines[0]["change"], "open", "{tail}");
+    // The outside consumer saw each tenant's story, with who acted.
+    let out = consumer.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let story = |id: &str| -> Vec<(String, Value)> {
+        let mut r: Vec<&Value> = records.iter().filter(|r| r["incident_id"] == id).collect();
+        r.sort_by_key(|r| r["seq"].as_i64());
+        r.iter()
+            .map(|r| (r["change"].as_str().unwrap().to_owned(), r["actor"].clone()))
+            .collect()
+    };
+    let first_story = story(&id1);
+    assert_eq!(first_story.first().map(|c| c.0.as_str()), Some("open"));
+    assert!(
+        first_story.contains(&("acknowledge".into(), json!("ops1"))),
+        "{first_story:?}"
+    );
+    assert_eq!(first_story.last().map(|c| c.0.as_str()), Some("resolve"));
+    assert!(
+        story(&id2).contains(&("resolve".to_owned(), json!("ops2"))),
+        "{records:?}"
+    );
     kill(&mut pipeline);
 }

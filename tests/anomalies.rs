@@ -1,6 +1,6 @@
 //! Anomalies end to end: readings shaped for every detector kind go in over MQTT and HTTP; the
 //! anomaly stage publishes them on `anomalies`, an ordinary Kafka consumer outside the process
-//! (docs/examples/anomaly_consumer.py: confluent-kafka + fastavro) receives them, the `anomalies`
+//! (docs/examples/alert_consumer.py: confluent-kafka + fastavro) receives them, the `anomalies`
 //! table holds each lifecycle record once across a kill -9 of the pipeline, and
 //! `tributary anomalies backtest` over the same readings finds the same anomalies, as does
 //! `tributary rebuild anomalies` from `raw`; a tenant's detector set over the admin API is
@@ -171,14 +171,12 @@ fn every_detector_kind_reaches_an_outside_consumer_the_table_and_the_backtest() 
 
     // The outside consumer, from before the first anomaly.
     let consumer = Command::new(python())
-        .arg(repo().join("docs/examples/anomaly_consumer.py"))
+        .arg(repo().join("docs/examples/alert_consumer.py"))
         .args(["--brokers", &format!("127.0.0.1:{}", stack.kafka_port)])
+        .args(["--topic", "anomalies"])
         .args([
-            "--schema",
-            &repo()
-                .join("schemas/avro/anomaly.avsc")
-                .display()
-                .to_string(),
+            "--schemas",
+            &repo().join("schemas/avro").display().to_string(),
         ])
         .args([
             "--group",

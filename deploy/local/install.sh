@@ -37,7 +37,7 @@ fi
 # other engines' readers (delta-rs's Python bindings, polars); moto's server is the S3-compatible
 # store of the s3:// tests (it honours If-None-Match, which Delta commits on S3 rely on); DuckDB is
 # the baseline of the query bench; confluent-kafka + fastavro are what an alerting consumer
-# outside the process uses (docs/examples/anomaly_consumer.py, run by tests/anomalies.rs).
+# outside the process uses (docs/examples/alert_consumer.py, run by tests/anomalies.rs and tests/alerts.rs).
 VENV=${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}
 PY_PACKAGES=(deltalake==1.6.6 polars==2.1.0 pyarrow==26.0.1 "moto[server]==5.2.5" duckdb==2.0.1
   confluent-kafka==2.16.1 fastavro==1.13.1)

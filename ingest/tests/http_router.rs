@@ -44,7 +44,15 @@ fn router(config: HttpConfig) -> axum::Router {
     let detectors = Arc::new(
         DetectorWriter::new(&kafka, DetectorBase::default(), Default::default()).expect("writer"),
     );
-    let admin = RegistryApi::new(writer, catalog, detectors, Some("admin-secret"));
+    let rules = Arc::new(
+        tributary_registry::incident_rules::IncidentRuleWriter::new(
+            &kafka,
+            Default::default(),
+            Default::default(),
+        )
+        .expect("writer"),
+    );
+    let admin = RegistryApi::new(writer, catalog, detectors, rules, Some("admin-secret"));
     HttpIngest::new(config, registry, producer)
         .with_admin(&admin)
         .router()
@@ -119,6 +127,7 @@ async fn openapi_document_describes_exactly_the_served_routes() {
         "/v1/groups",
         "/v1/tenants/{tenant}/catalog",
         "/v1/tenants/{tenant}/detectors",
+        "/v1/tenants/{tenant}/incident-rules",
         "/v1/incidents",
         "/v1/incidents/{id}",
         "/v1/incidents/{id}/acknowledge",

@@ -11,6 +11,7 @@
 //! | `GET /v1/groups`           | groups per tenant with their device counts                  |
 //! | `… /v1/tenants/{tenant}/catalog` | a tenant's metric catalog: see [`crate::catalog`]      |
 //! | `… /v1/tenants/{tenant}/detectors` | a tenant's anomaly detectors: see [`crate::detectors`] |
+//! | `… /v1/tenants/{tenant}/incident-rules` | a tenant's incident rules: see [`crate::incident_rules`] |
 //!
 //! Every change is recorded on the `registry` topic before the answer (so it survives any crash)
 //! and applied to this process's view at once. Tokens are shown once and stored hashed.
@@ -35,6 +36,7 @@ use tributary_schemas::registry::{
 
 use crate::catalog::{self, CatalogWriter};
 use crate::detectors::{self, DetectorWriter};
+use crate::incident_rules::{self, IncidentRuleWriter};
 use crate::issue_token;
 use crate::writer::RegistryWriter;
 
@@ -52,6 +54,7 @@ pub(crate) struct ApiState {
     writer: Arc<RegistryWriter>,
     pub(crate) catalog: Arc<CatalogWriter>,
     pub(crate) detectors: Arc<DetectorWriter>,
+    pub(crate) incident_rules: Arc<IncidentRuleWriter>,
     admin_token_sha256: Option<String>,
 }
 
@@ -60,6 +63,7 @@ impl RegistryApi {
         writer: Arc<RegistryWriter>,
         catalog: Arc<CatalogWriter>,
         detectors: Arc<DetectorWriter>,
+        incident_rules: Arc<IncidentRuleWriter>,
         admin_token: Option<&str>,
     ) -> Self {
         if admin_token.is_none() {
@@ -70,6 +74,7 @@ impl RegistryApi {
                 writer,
                 catalog,
                 detectors,
+                incident_rules,
                 admin_token_sha256: admin_token.map(token_hash),
             }),
         }
@@ -96,6 +101,12 @@ impl RegistryApi {
                 get(detectors::get_detectors)
                     .put(detectors::put_detectors)
                     .delete(detectors::delete_detectors),
+            )
+            .route(
+                "/v1/tenants/{tenant}/incident-rules",
+                get(incident_rules::get_rules)
+                    .put(incident_rules::put_rules)
+                    .delete(incident_rules::delete_rules),
             )
             .with_state(self.state.clone())
     }

@@ -16,6 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tributary_schemas::avro::{self, TopicRecord};
 use tributary_schemas::catalog::{CatalogEvent, CatalogOverrides};
 use tributary_schemas::detectors::{DetectorEvent, DetectorOverrides};
+use tributary_schemas::incidents::{IncidentRuleOverrides, IncidentRulesEvent};
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::registry::{DeviceRegistry, RegistryEvent};
 
@@ -60,6 +61,18 @@ pub async fn follow_detectors(
 ) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
     let topic = &kafka.topics.detector_catalog;
     follow_events::<DetectorEvent>(kafka, topic, "tenant detectors", move |e| {
+        overrides.apply(e)
+    })
+    .await
+}
+
+/// Follows the tenants' incident rules on `incident-rules` into `overrides`.
+pub async fn follow_incident_rules(
+    kafka: &KafkaConfig,
+    overrides: Arc<IncidentRuleOverrides>,
+) -> Result<tokio::task::JoinHandle<()>, RegistryError> {
+    let topic = &kafka.topics.incident_rules;
+    follow_events::<IncidentRulesEvent>(kafka, topic, "tenant incident rules", move |e| {
         overrides.apply(e)
     })
     .await

@@ -15,6 +15,7 @@ pub mod api;
 pub mod catalog;
 pub mod detectors;
 pub mod follower;
+pub mod incident_rules;
 pub mod self_registration;
 pub mod writer;
 

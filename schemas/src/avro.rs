@@ -431,6 +431,7 @@ impl SchemaId {
     pub const INCIDENT_V1: u32 = 16;
     pub const INCIDENT: u32 = 18;
     pub const INCIDENT_INPUT: u32 = 17;
+    pub const INCIDENT_RULES_EVENT: u32 = 19;
 }
 
 topic_record!(
@@ -497,6 +498,13 @@ topic_record!(
     "DetectorEvent",
     SchemaId::DETECTOR_EVENT,
     "detector_event.avsc"
+);
+
+topic_record!(
+    crate::incidents::IncidentRulesEvent,
+    "IncidentRulesEvent",
+    SchemaId::INCIDENT_RULES_EVENT,
+    "incident_rules_event.avsc"
 );
 
 impl Derived for Reading {
@@ -824,6 +832,45 @@ mod tests {
         };
         assert_eq!(
             decode::<DetectorEvent>(&encode(&removed).unwrap()).unwrap(),
+            removed
+        );
+    }
+
+    #[test]
+    fn incident_rules_events_round_trip_with_every_field() {
+        use crate::detectors::Severity;
+        use crate::incidents::{Correlate, IncidentRuleSpec, IncidentRulesEvent};
+        let full = IncidentRuleSpec {
+            correlate: Some(Correlate::Site),
+            level: Some(u32::MAX),
+            min_devices: Some(3),
+            min_metrics: Some(2),
+            window_secs: Some(1e308),
+            quiet_secs: Some(0.5),
+            min_severity: Some(Severity::Warning),
+            detectors: Some(vec!["hot".into(), String::new()]),
+        };
+        let event = IncidentRulesEvent {
+            tenant: "acme".into(),
+            at: i64::MIN,
+            actor: "admin".into(),
+            rules: Some(
+                [
+                    ("full".to_owned(), full),
+                    ("bare".to_owned(), IncidentRuleSpec::default()),
+                ]
+                .into(),
+            ),
+        };
+        let bytes = encode(&event).unwrap();
+        assert_eq!(&bytes[1..5], &SchemaId::INCIDENT_RULES_EVENT.to_be_bytes());
+        assert_eq!(decode::<IncidentRulesEvent>(&bytes).unwrap(), event);
+        let removed = IncidentRulesEvent {
+            rules: None,
+            ..event
+        };
+        assert_eq!(
+            decode::<IncidentRulesEvent>(&encode(&removed).unwrap()).unwrap(),
             removed
         );
     }

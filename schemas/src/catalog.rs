@@ -244,6 +244,25 @@ impl<T: Clone> TenantOverrides<T> {
     }
 }
 
+/// A tenant's entries in effect (the global ones, its own replacing them by name) and where its
+/// own come from: `api`, `config` or `default` (none of its own). The API's entry wins.
+pub fn effective_entries<S: Clone>(
+    global: &BTreeMap<String, S>,
+    api: Option<&BTreeMap<String, S>>,
+    config: Option<&BTreeMap<String, S>>,
+) -> (&'static str, BTreeMap<String, S>) {
+    let (source, own) = match (api, config) {
+        (Some(own), _) => ("api", Some(own)),
+        (None, Some(own)) => ("config", Some(own)),
+        (None, None) => ("default", None),
+    };
+    let mut all = global.clone();
+    if let Some(own) = own {
+        all.extend(own.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    (source, all)
+}
+
 /// Checked entries: the global ones, and per tenant its own.
 pub type Layered<T> = (Vec<T>, BTreeMap<String, Vec<T>>);
 

@@ -632,16 +632,11 @@ impl DetectorBase {
         tenant: &str,
         api: &BTreeMap<String, TenantDetectors>,
     ) -> (&'static str, BTreeMap<String, DetectorSpec>) {
-        let (source, own) = match (api.get(tenant), self.tenants.get(tenant)) {
-            (Some(d), _) => ("api", Some(d)),
-            (None, Some(d)) => ("config", Some(d)),
-            (None, None) => ("default", None),
-        };
-        let mut all = self.global.clone();
-        if let Some(own) = own {
-            all.extend(own.detectors.iter().map(|(k, v)| (k.clone(), v.clone())));
-        }
-        (source, all)
+        crate::catalog::effective_entries(
+            &self.global,
+            api.get(tenant).map(|d| &d.detectors),
+            self.tenants.get(tenant).map(|d| &d.detectors),
+        )
     }
 }
 

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Micros;
 use crate::avro::Anomaly;
+use crate::catalog::TenantOverrides;
 use crate::detectors::Severity;
 
 /// What a rule correlates anomalies on.
@@ -293,6 +294,62 @@ pub fn severity_of(name: &str) -> Severity {
 #[serde(default, deny_unknown_fields)]
 pub struct TenantIncidentRules {
     pub rules: BTreeMap<String, IncidentRuleSpec>,
+}
+
+/// Topic `incident-rules` (compacted, key = tenant): a tenant's rules as set through the admin
+/// API. Schema: `schemas/avro/incident_rules_event.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncidentRulesEvent {
+    pub tenant: String,
+    pub at: Micros,
+    pub actor: String,
+    /// `None`: the API entry was removed (the config file's applies again).
+    pub rules: Option<BTreeMap<String, IncidentRuleSpec>>,
+}
+
+/// The tenants' rules set through the API, as a process follows them on `incident-rules`.
+pub type IncidentRuleOverrides = TenantOverrides<TenantIncidentRules>;
+
+impl IncidentRuleOverrides {
+    pub fn apply(&self, event: &IncidentRulesEvent) {
+        let entry = event
+            .rules
+            .clone()
+            .map(|rules| TenantIncidentRules { rules });
+        self.set(&event.tenant, entry);
+    }
+}
+
+/// The config file's rules: what the API's entries are laid over.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct IncidentRuleBase {
+    pub global: BTreeMap<String, IncidentRuleSpec>,
+    pub tenants: BTreeMap<String, TenantIncidentRules>,
+}
+
+impl IncidentRuleBase {
+    /// The rules in effect: each tenant's API entry (in `api`) replaces its config entry.
+    pub fn compile(
+        &self,
+        api: &BTreeMap<String, TenantIncidentRules>,
+    ) -> Result<IncidentRules, IncidentRuleError> {
+        let mut tenants = self.tenants.clone();
+        tenants.extend(api.iter().map(|(t, r)| (t.clone(), r.clone())));
+        IncidentRules::new(&self.global, &tenants)
+    }
+
+    /// The specs of `tenant` in effect and where its own come from (`api`, `config`, `default`).
+    pub fn effective(
+        &self,
+        tenant: &str,
+        api: &BTreeMap<String, TenantIncidentRules>,
+    ) -> (&'static str, BTreeMap<String, IncidentRuleSpec>) {
+        crate::catalog::effective_entries(
+            &self.global,
+            api.get(tenant).map(|r| &r.rules),
+            self.tenants.get(tenant).map(|r| &r.rules),
+        )
+    }
 }
 
 /// The checked rules of every tenant: global ones, replaced by name per tenant.

@@ -18,6 +18,8 @@ pub struct Topics {
     pub catalog: String,
     /// Tenants' anomaly detectors set through the admin API, compacted, key = tenant.
     pub detector_catalog: String,
+    /// Tenants' incident rules set through the admin API, compacted, key = tenant.
+    pub incident_rules: String,
     /// Anomaly lifecycle records (open, update, resolved), key = device: what alerting consumers
     /// subscribe to.
     pub anomalies: String,
@@ -45,6 +47,7 @@ impl Default for Topics {
             registry: "registry".into(),
             catalog: "catalog".into(),
             detector_catalog: "detector-catalog".into(),
+            incident_rules: "incident-rules".into(),
             anomalies: "anomalies".into(),
             anomaly_state: "anomaly-state".into(),
             incident_inputs: "incident-inputs".into(),
@@ -102,8 +105,9 @@ impl Topics {
                 compacted: true,
             });
         }
-        // Few records (one per tenant), read whole by every cleanse, anomaly and API process.
-        for name in [&self.catalog, &self.detector_catalog] {
+        // Few records (one per tenant), read whole by every cleanse, anomaly, incident and API
+        // process.
+        for name in [&self.catalog, &self.detector_catalog, &self.incident_rules] {
             specs.push(TopicSpec {
                 name: name.clone(),
                 partitions: 1,

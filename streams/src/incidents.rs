@@ -32,8 +32,8 @@ use tributary_schemas::avro::{
     IncidentInput, IncidentStatus,
 };
 use tributary_schemas::incidents::{
-    Correlate, IncidentRule, IncidentRuleError, IncidentRuleSpec, IncidentRules,
-    TenantIncidentRules, severity_of,
+    Correlate, IncidentRule, IncidentRuleBase, IncidentRuleError, IncidentRuleOverrides,
+    IncidentRuleSpec, IncidentRules, TenantIncidentRules, severity_of,
 };
 use tributary_schemas::kafka::KafkaConfig;
 use tributary_schemas::{Micros, micros_of_secs};
@@ -81,9 +81,85 @@ impl Default for IncidentConfig {
 }
 
 impl IncidentConfig {
-    /// The checked rules.
+    /// The checked rules of the config file alone.
     pub fn compile(&self) -> Result<IncidentRules, IncidentRuleError> {
-        IncidentRules::new(&self.rules, &self.tenants)
+        self.base().compile(&BTreeMap::new())
+    }
+
+    /// The config file's rules, under which the API's are laid.
+    pub fn base(&self) -> IncidentRuleBase {
+        IncidentRuleBase {
+            global: self.rules.clone(),
+            tenants: self.tenants.clone(),
+        }
+    }
+}
+
+/// The rules in effect for a stage: the config file's under the tenants' entries set through the
+/// admin API (followed from `incident-rules`), rebuilt between batches when those change.
+#[derive(Clone)]
+pub struct LiveRules {
+    base: IncidentRuleBase,
+    overrides: Arc<IncidentRuleOverrides>,
+    generation: u64,
+    current: Arc<IncidentRules>,
+}
+
+impl LiveRules {
+    /// The rules now; waits (outside any consumer group) while no tenant has a rule.
+    pub async fn first(
+        base: IncidentRuleBase,
+        overrides: Arc<IncidentRuleOverrides>,
+        stage: &str,
+    ) -> Result<Self, StreamError> {
+        let mut logged = false;
+        loop {
+            let generation = overrides.generation();
+            let rules = base
+                .compile(&overrides.snapshot())
+                .map_err(|e| StreamError::State(e.to_string()))?;
+            if !rules.is_empty() {
+                return Ok(Self {
+                    base,
+                    overrides,
+                    generation,
+                    current: Arc::new(rules),
+                });
+            }
+            if !logged {
+                tracing::info!(
+                    stage,
+                    "no incident rules yet (config file or admin API): the stage waits for one"
+                );
+                logged = true;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    pub fn current(&self) -> Arc<IncidentRules> {
+        self.current.clone()
+    }
+
+    /// The new rules when the API's entries changed since the last call.
+    pub fn changed(&mut self) -> Option<Arc<IncidentRules>> {
+        let generation = self.overrides.generation();
+        if generation == self.generation {
+            return None;
+        }
+        self.generation = generation;
+        match self.base.compile(&self.overrides.snapshot()) {
+            Ok(rules) => {
+                tracing::info!("incident rules changed; applied from the next batch");
+                self.current = Arc::new(rules);
+                Some(self.current.clone())
+            }
+            // Checked before it was recorded; only a config file changed since can refuse it.
+            Err(e) => {
+                tracing::error!(error = %e, "changed incident rules refused; the previous ones stay");
+                None
+            }
+        }
     }
 }
 
@@ -656,6 +732,12 @@ impl Correlator {
         }
     }
 
+    /// Rules changed (through the admin API): applied from the next input. A key whose rule is
+    /// gone keeps its state but is neither fed nor swept.
+    pub fn set_rules(&mut self, rules: Arc<IncidentRules>) {
+        self.rules = rules;
+    }
+
     pub fn start_empty(&mut self, partition: i32) {
         self.state.start_empty(partition);
         self.clocks.forget(partition);
@@ -821,25 +903,32 @@ pub fn route(rules: &IncidentRules, a: &Anomaly, record: &[u8]) -> Vec<(String, 
 /// its correlation key. Stateless.
 pub struct IncidentRouting {
     kafka: KafkaConfig,
-    rules: Arc<IncidentRules>,
+    overrides: Arc<IncidentRuleOverrides>,
     config: IncidentConfig,
     restarts: Restarts,
 }
 
 impl IncidentRouting {
-    pub fn new(kafka: KafkaConfig, config: IncidentConfig, rules: Arc<IncidentRules>) -> Self {
+    /// `overrides`: the tenants' rules set through the admin API, followed from `incident-rules`.
+    pub fn new(
+        kafka: KafkaConfig,
+        config: IncidentConfig,
+        overrides: Arc<IncidentRuleOverrides>,
+    ) -> Self {
         Self {
             kafka,
-            rules,
+            overrides,
             config,
             restarts: Restarts::new(),
         }
     }
 
     pub async fn run(&self) -> Result<(), StreamError> {
+        let live = LiveRules::first(self.config.base(), self.overrides.clone(), ROUTING).await?;
         let topics = &self.kafka.topics;
         let run = RoutingRun {
-            rules: self.rules.clone(),
+            rules: live.current(),
+            live,
             input: topics.anomalies.clone(),
             output: Arc::from(topics.incident_inputs.as_str()),
             deadletter: Arc::from(topics.deadletter.as_str()),
@@ -855,6 +944,7 @@ impl IncidentRouting {
 
 struct RoutingRun {
     rules: Arc<IncidentRules>,
+    live: LiveRules,
     input: String,
     output: Arc<str>,
     deadletter: Arc<str>,
@@ -886,6 +976,12 @@ impl Stage for RoutingRun {
     }
 
     fn revoke(&mut self, _: i32) {}
+
+    fn refresh(&mut self) {
+        if let Some(rules) = self.live.changed() {
+            self.rules = rules;
+        }
+    }
 
     fn process(&mut self, at: Position<'_>, record: &[u8]) -> Result<Vec<Emit>, StreamError> {
         let Ok(a) = avro::decode::<Anomaly>(record) else {
@@ -935,24 +1031,31 @@ impl Stage for RoutingRun {
 pub struct IncidentStage {
     kafka: KafkaConfig,
     config: IncidentConfig,
-    rules: Arc<IncidentRules>,
+    overrides: Arc<IncidentRuleOverrides>,
     restarts: Restarts,
 }
 
 impl IncidentStage {
-    pub fn new(kafka: KafkaConfig, config: IncidentConfig, rules: Arc<IncidentRules>) -> Self {
+    /// `overrides`: the tenants' rules set through the admin API, followed from `incident-rules`.
+    pub fn new(
+        kafka: KafkaConfig,
+        config: IncidentConfig,
+        overrides: Arc<IncidentRuleOverrides>,
+    ) -> Self {
         Self {
             kafka,
             config,
-            rules,
+            overrides,
             restarts: Restarts::new(),
         }
     }
 
     pub async fn run(&self) -> Result<(), StreamError> {
+        let live = LiveRules::first(self.config.base(), self.overrides.clone(), STAGE).await?;
         let topics = &self.kafka.topics;
         let run = IncidentRun {
-            correlator: Correlator::new(self.rules.clone(), &self.config, &topics.incident_state),
+            correlator: Correlator::new(live.current(), &self.config, &topics.incident_state),
+            live,
             input: topics.incident_inputs.clone(),
             incidents: Arc::from(topics.incidents.as_str()),
             deadletter: Arc::from(topics.deadletter.as_str()),
@@ -970,6 +1073,7 @@ impl IncidentStage {
 /// One run of the incident stage: the [`Stage`] the runtime drives.
 pub struct IncidentRun {
     correlator: Correlator,
+    live: LiveRules,
     input: String,
     incidents: Arc<str>,
     deadletter: Arc<str>,
@@ -1020,6 +1124,12 @@ impl Stage for IncidentRun {
 
     fn revoke(&mut self, partition: i32) {
         self.correlator.forget(partition);
+    }
+
+    fn refresh(&mut self) {
+        if let Some(rules) = self.live.changed() {
+            self.correlator.set_rules(rules);
+        }
     }
 
     fn process(&mut self, at: Position<'_>, record: &[u8]) -> Result<Vec<Emit>, StreamError> {
