@@ -26,7 +26,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 use tributary_schemas::now_micros;
@@ -34,9 +34,12 @@ use tributary_schemas::registry::{
     Device, DeviceRegistry, RegistryChange, RegistryEvent, token_hash,
 };
 
-use crate::catalog::{self, CatalogWriter};
-use crate::detectors::{self, DetectorWriter};
-use crate::incident_rules::{self, IncidentRuleWriter};
+use crate::catalog::{CatalogSetting, CatalogWriter};
+use crate::detectors::{DetectorSetting, DetectorWriter};
+use crate::incident_rules::{IncidentRuleSetting, IncidentRuleWriter};
+use crate::tenant_settings::{
+    SettingWriters, TenantSetting, TenantSettingWriter, delete_setting, get_setting, put_setting,
+};
 use crate::issue_token;
 use crate::writer::RegistryWriter;
 
@@ -52,9 +55,9 @@ pub struct RegistryApi {
 
 pub(crate) struct ApiState {
     writer: Arc<RegistryWriter>,
-    pub(crate) catalog: Arc<CatalogWriter>,
-    pub(crate) detectors: Arc<DetectorWriter>,
-    pub(crate) incident_rules: Arc<IncidentRuleWriter>,
+    catalog: Arc<CatalogWriter>,
+    detectors: Arc<DetectorWriter>,
+    incident_rules: Arc<IncidentRuleWriter>,
     admin_token_sha256: Option<String>,
 }
 
@@ -90,25 +93,41 @@ impl RegistryApi {
                 get(get_one).patch(update).delete(delete),
             )
             .route("/v1/groups", get(groups))
-            .route(
-                "/v1/tenants/{tenant}/catalog",
-                get(catalog::get_catalog)
-                    .put(catalog::put_catalog)
-                    .delete(catalog::delete_catalog),
-            )
-            .route(
-                "/v1/tenants/{tenant}/detectors",
-                get(detectors::get_detectors)
-                    .put(detectors::put_detectors)
-                    .delete(detectors::delete_detectors),
-            )
+            .route("/v1/tenants/{tenant}/catalog", setting::<CatalogSetting>())
+            .route("/v1/tenants/{tenant}/detectors", setting::<DetectorSetting>())
             .route(
                 "/v1/tenants/{tenant}/incident-rules",
-                get(incident_rules::get_rules)
-                    .put(incident_rules::put_rules)
-                    .delete(incident_rules::delete_rules),
+                setting::<IncidentRuleSetting>(),
             )
             .with_state(self.state.clone())
+    }
+}
+
+/// GET, PUT and DELETE of a tenant setting.
+fn setting<K: TenantSetting>() -> MethodRouter<Arc<ApiState>>
+where
+    ApiState: SettingWriters<K>,
+{
+    get(get_setting::<K>)
+        .put(put_setting::<K>)
+        .delete(delete_setting::<K>)
+}
+
+impl SettingWriters<CatalogSetting> for ApiState {
+    fn writer(&self) -> &TenantSettingWriter<CatalogSetting> {
+        &self.catalog
+    }
+}
+
+impl SettingWriters<DetectorSetting> for ApiState {
+    fn writer(&self) -> &TenantSettingWriter<DetectorSetting> {
+        &self.detectors
+    }
+}
+
+impl SettingWriters<IncidentRuleSetting> for ApiState {
+    fn writer(&self) -> &TenantSettingWriter<IncidentRuleSetting> {
+        &self.incident_rules
     }
 }
 

@@ -5,9 +5,10 @@
 //! the compacted `registry` topic ([`writer::RegistryWriter`]), and the follower that rebuilds a
 //! process's in-memory view from that topic and keeps it current ([`follower::follow`]), and
 //! self-registration of devices holding a tenant-signed JWT ([`self_registration`]), and the
-//! tenants' metric catalogs and anomaly detectors set through the admin API ([`catalog`], topic
-//! `catalog`; [`detectors`], topic `detector-catalog`). The models and views themselves are
-//! contracts and live in `tributary_schemas::{registry, catalog, detectors}`.
+//! tenants' settings over the admin API, one shape for each ([`tenant_settings`]): metric catalogs
+//! ([`catalog`], topic `catalog`), anomaly detectors ([`detectors`], topic `detector-catalog`) and
+//! incident rules ([`incident_rules`], topic `incident-rules`). The models and views themselves
+//! are contracts and live in `tributary_schemas::{registry, catalog, detectors, incidents}`.
 //!
 //! It must not touch: telemetry (raw or derived topics), the lake, or Mosquitto's configuration.
 
@@ -17,6 +18,7 @@ pub mod detectors;
 pub mod follower;
 pub mod incident_rules;
 pub mod self_registration;
+pub mod tenant_settings;
 pub mod writer;
 
 use std::collections::BTreeMap;
