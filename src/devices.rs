@@ -240,14 +240,14 @@ pub async fn run(config: &Config, command: DevicesCommand) -> anyhow::Result<()>
 }
 
 /// The admin API, as the CLI calls it.
-struct AdminClient {
+pub(crate) struct AdminClient {
     client: reqwest::Client,
     base: String,
     token: Option<String>,
 }
 
 impl AdminClient {
-    fn new(config: &Config) -> anyhow::Result<Self> {
+    pub(crate) fn new(config: &Config) -> anyhow::Result<Self> {
         Ok(Self {
             client: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(120))
@@ -265,7 +265,7 @@ impl AdminClient {
         self.send(req).await
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,

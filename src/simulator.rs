@@ -5,7 +5,10 @@
 //! readings of a metric share an instant. It keeps exact count of what the lake
 //! should end up holding and prints it as JSON, so a run can be checked end to end. With
 //! `--anomalies` it sends a labelled fleet instead (`tributary_streams::labelled`): anomalies of
-//! every detector kind at known event times, backfilled, with the labels written to a file.
+//! every detector kind at known event times, backfilled, with the labels written to a file. With
+//! `--failures` it lays its devices out in zones and sections (through the admin API) and breaks
+//! them together (`tributary_streams::failures`): sections, pumps and lone overheats, backfilled,
+//! with the incidents they should give written to a file.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,10 +24,12 @@ use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde::Serialize;
 use serde_json::json;
 
-use tributary_streams::labelled::{LabelledFleet, METRICS};
+use tributary_schemas::Micros;
+use tributary_streams::failures::FailureFleet;
+use tributary_streams::labelled::{Fleet, LabelledFleet};
 
 use crate::config::Config;
-use crate::devices::{DeviceSecret, load_secrets};
+use crate::devices::{AdminClient, DeviceSecret, load_secrets};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -38,6 +43,9 @@ pub struct SimulateArgs {
     /// Number of devices (taken from the seeded registry).
     #[arg(long, default_value_t = 20)]
     pub devices: usize,
+    /// Only the seeded devices of this tenant (`--first-device` and `--devices` count among them).
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// The first of the seeded devices to use (0-based): simulators running at once over MQTT
     /// and HTTP take disjoint ranges, as a device sends on one channel.
     #[arg(long, default_value_t = 0)]
@@ -75,11 +83,22 @@ pub struct SimulateArgs {
     /// (a backfill); no malformed messages or duplicates. The labels go to `--labels`.
     #[arg(long)]
     pub anomalies: bool,
-    /// With `--anomalies`: event time between a device's messages, e.g. 10s.
+    /// Send correlated failures (`tributary_streams::failures`: temperature and pressure, the
+    /// devices of one tenant laid out in zones and sections through the admin API, sections,
+    /// pumps and lone devices failing at known times) instead of the plain signals: `--duration`
+    /// of event time (90 minutes at least) ending now, backfilled like `--anomalies`. The
+    /// expected incidents go to `--labels`.
+    #[arg(long, conflicts_with = "anomalies")]
+    pub failures: bool,
+    /// With `--failures`: devices per section (at least 4).
+    #[arg(long, default_value_t = 8)]
+    pub per_section: usize,
+    /// With `--anomalies` or `--failures`: event time between a device's messages, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub step: Duration,
     /// With `--anomalies`: write the labels here (JSON lines: device, metric, kind, start, end in
-    /// RFC 3339).
+    /// RFC 3339). With `--failures`: the failures and the incident each should give (JSON lines:
+    /// kind, rule, scope, devices, start, end).
     #[arg(long)]
     pub labels: Option<std::path::PathBuf>,
 }
@@ -225,9 +244,10 @@ enum MessageSource {
         per_device: usize,
         i: usize,
     },
-    /// The labelled fleet, in event-time order (HTTP: `per_device` steps of a device at a time).
+    /// A fleet of known ground truth, in event-time order (HTTP: `per_device` steps of a device at
+    /// a time).
     Labelled {
-        fleet: LabelledFleet,
+        fleet: Box<dyn Fleet>,
         order: Vec<(usize, u64)>,
         next: usize,
         run_id: String,
@@ -235,11 +255,11 @@ enum MessageSource {
 }
 
 impl MessageSource {
-    fn labelled(fleet: LabelledFleet, per_device: usize, run_id: String) -> Self {
+    fn labelled(fleet: Box<dyn Fleet>, per_device: usize, run_id: String) -> Self {
         let per_device = per_device.max(1) as u64;
         let mut order: Vec<(usize, u64)> = (0..fleet.steps())
             .flat_map(|i| (0..fleet.devices()).map(move |d| (d, i)))
-            .filter(|&(d, i)| fleet.sample(d, i).is_some())
+            .filter(|&(d, i)| fleet.readings(d, i).is_some())
             .collect();
         order.sort_by_key(|&(d, i)| (i / per_device, d, i));
         Self::Labelled {
@@ -278,20 +298,20 @@ impl MessageSource {
             } => {
                 let &(d, i) = order.get(*next)?;
                 *next += 1;
-                let (t, values) = fleet.sample(d, i)?;
+                let (t, values) = fleet.readings(d, i)?;
                 let time = chrono::DateTime::from_timestamp_micros(t)
                     .unwrap_or_default()
                     .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-                let metrics: serde_json::Map<String, serde_json::Value> = METRICS
-                    .iter()
-                    .zip(values)
-                    .map(|(m, v)| ((*m).to_owned(), json!((v * 1000.0).round() / 1000.0)))
+                let readings = values.len() as u64;
+                let metrics: serde_json::Map<String, serde_json::Value> = values
+                    .into_iter()
+                    .map(|(m, v)| (m.to_owned(), json!((v * 1000.0).round() / 1000.0)))
                     .collect();
                 let body = json!({"id": format!("{run_id}-{}-{i}", fleet.device(d)), "time": time, "metrics": metrics});
                 let body = body.to_string().into_bytes();
                 let g = Generated {
                     body: body.clone(),
-                    readings: METRICS.len() as u64,
+                    readings,
                     dead_letters: 0,
                     malformed: false,
                 };
@@ -301,13 +321,14 @@ impl MessageSource {
     }
 }
 
+fn rfc3339(t: Micros) -> String {
+    chrono::DateTime::from_timestamp_micros(t)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Writes the fleet's labels as JSON lines.
 fn write_labels(fleet: &LabelledFleet, path: &std::path::Path) -> anyhow::Result<()> {
-    let rfc3339 = |t: i64| {
-        chrono::DateTime::from_timestamp_micros(t)
-            .unwrap_or_default()
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-    };
     let mut out = String::new();
     for l in fleet.labels() {
         out.push_str(&serde_json::to_string(&json!({
@@ -322,8 +343,55 @@ fn write_labels(fleet: &LabelledFleet, path: &std::path::Path) -> anyhow::Result
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Writes the failures and the incident each should give as JSON lines.
+fn write_failures(fleet: &FailureFleet, path: &std::path::Path) -> anyhow::Result<()> {
+    let mut out = String::new();
+    for f in fleet.failures() {
+        let (start, end) = f.span();
+        let (rule, scope) = f.expected(fleet).unzip();
+        let mut devices: Vec<&str> = f.hot.iter().map(|h| fleet.device(h.0)).collect();
+        devices.sort_unstable();
+        out.push_str(&serde_json::to_string(&json!({
+            "kind": f.kind.as_str(),
+            "rule": rule,
+            "scope": scope,
+            "section": f.section,
+            "devices": devices,
+            "start": rfc3339(start),
+            "end": rfc3339(end),
+        }))?);
+        out.push('\n');
+    }
+    std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Puts each device of `fleet` at its site through the admin API.
+async fn lay_out(config: &Config, fleet: &FailureFleet) -> anyhow::Result<()> {
+    let api = AdminClient::new(config)?;
+    for d in 0..fleet.devices() {
+        let path = format!("/v1/devices/{}", fleet.device(d));
+        api.call(
+            reqwest::Method::PATCH,
+            &path,
+            Some(json!({"site": fleet.site(d)})),
+        )
+        .await
+        .with_context(|| format!("placing device {} at its site", fleet.device(d)))?;
+    }
+    tracing::info!(
+        devices = fleet.devices(),
+        failures = fleet.failures().len(),
+        "devices laid out in zones and sections"
+    );
+    Ok(())
+}
+
 pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
-    let secrets = load_secrets(&config.simulator.tokens_path)?;
+    let mut secrets = load_secrets(&config.simulator.tokens_path)?;
+    if let Some(tenant) = &args.tenant {
+        secrets.retain(|s| &s.tenant == tenant);
+        anyhow::ensure!(!secrets.is_empty(), "no seeded device of tenant `{tenant}`");
+    }
     anyhow::ensure!(
         args.devices >= 1 && args.first_device.saturating_add(args.devices) <= secrets.len(),
         "--first-device + --devices must be at most {} (the seeded devices), --devices at least 1",
@@ -350,24 +418,58 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
         })
         .collect();
     let per_device = if args.via == Via::Http { args.batch } else { 1 };
-    let mut source = if args.anomalies {
+    let event_time_from = |secs: u64| {
+        tributary_schemas::now_micros().saturating_sub(tributary_schemas::micros_of_secs(secs))
+    };
+    let mut source = if args.failures {
+        let tenants: std::collections::BTreeSet<&str> =
+            devices.iter().map(|d| d.secret.tenant.as_str()).collect();
+        anyhow::ensure!(
+            tenants.len() == 1,
+            "--failures breaks the sections of one tenant: pass --tenant (the devices are of {tenants:?})"
+        );
+        let names: Vec<String> = devices.iter().map(|d| d.secret.device.clone()).collect();
+        let secs = args.duration.as_secs().max(5400);
+        let fleet = FailureFleet::new(
+            &names,
+            args.per_section,
+            seed,
+            event_time_from(secs),
+            secs,
+            args.step.as_secs().max(1),
+        );
+        anyhow::ensure!(
+            !fleet.failures().is_empty(),
+            "--failures needs a zone: at least {} devices ({} sections of --per-section {})",
+            tributary_streams::failures::SECTIONS * args.per_section.max(4),
+            tributary_streams::failures::SECTIONS,
+            args.per_section.max(4)
+        );
+        lay_out(config, &fleet).await?;
+        if let Some(path) = &args.labels {
+            write_failures(&fleet, path)?;
+        }
+        MessageSource::labelled(Box::new(fleet), per_device, run_id.clone())
+    } else if args.anomalies {
         let names: Vec<String> = devices.iter().map(|d| d.secret.device.clone()).collect();
         // At least an hour: the warm-up and one episode.
         let secs = args.duration.as_secs().max(3600);
-        let now = tributary_schemas::now_micros();
         let fleet = LabelledFleet::new(
             &names,
             seed,
-            now.saturating_sub(tributary_schemas::micros_of_secs(secs)),
+            event_time_from(secs),
             secs,
             args.step.as_secs().max(1),
         );
         if let Some(path) = &args.labels {
             write_labels(&fleet, path)?;
         }
-        MessageSource::labelled(fleet, per_device, run_id.clone())
+        MessageSource::labelled(Box::new(fleet), per_device, run_id.clone())
     } else {
-        anyhow::ensure!(args.labels.is_none(), "--labels needs --anomalies");
+        anyhow::ensure!(
+            args.labels.is_none(),
+            "--labels needs --anomalies or --failures"
+        );
         MessageSource::Plain {
             generator: Box::new(Generator {
                 rng,
@@ -395,7 +497,7 @@ pub async fn run(config: &Config, args: SimulateArgs) -> anyhow::Result<()> {
     let done = |summary: &Summary| match total {
         Some(n) => summary.messages >= n,
         // A labelled run ends when the fleet has sent everything.
-        None => !args.anomalies && Instant::now() >= deadline,
+        None => !(args.anomalies || args.failures) && Instant::now() >= deadline,
     };
     let mut sent_units = 0u64;
     let pace = |units: u64| {

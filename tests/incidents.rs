@@ -3,7 +3,9 @@
 //! `incidents` table (one for the section naming its site, one for the pump naming its two
 //! metrics), nothing for a device overheating alone in another section nor for another tenant's
 //! device overheating in a section of the same name, the same incident ids
-//! across a kill -9 of the pipeline, and both resolve once their members have.
+//! across a kill -9 of the pipeline, and both resolve once their members have. And the
+//! simulator's correlated failures (`tributary simulate --failures`) give exactly the incidents
+//! it says they should.
 
 mod support;
 
@@ -82,6 +84,16 @@ fn latest(records: &[Incident]) -> BTreeMap<String, Incident> {
         }
     }
     by_id
+}
+
+/// Resolve records in the `incidents` table.
+fn resolved(stack: &Stack) -> u64 {
+    if stack.count("incidents") == 0 {
+        return 0;
+    }
+    stack.sql("SELECT count(*) AS n FROM incidents WHERE change = 'resolve'")[0]["n"]
+        .as_u64()
+        .unwrap_or(0)
 }
 
 #[test]
@@ -164,18 +176,10 @@ fn a_section_and_a_pump_each_page_once_across_a_crash_and_resolve() {
     pipeline = stack.spawn_pipeline(1);
     send(145..300);
 
-    let resolved = || {
-        if stack.count("incidents") == 0 {
-            return 0;
-        }
-        stack.sql("SELECT count(*) AS n FROM incidents WHERE change = 'resolve'")[0]["n"]
-            .as_u64()
-            .unwrap_or(0)
-    };
     wait_until(
         "both incidents resolved in the table",
         Duration::from_secs(180),
-        || resolved() >= 2,
+        || resolved(&stack) >= 2,
     );
     std::thread::sleep(Duration::from_secs(3));
 
@@ -261,5 +265,149 @@ fn a_section_and_a_pump_each_page_once_across_a_crash_and_resolve() {
     // Alert reduction: anomaly records folded into the two incidents.
     let folded: i64 = current.values().map(|i| i.anomaly_records).sum();
     assert!(folded >= 5, "{folded}");
+    kill(&mut pipeline);
+}
+
+/// The simulator's correlated failures (`tributary simulate --failures`): one zone of seven
+/// sections of four devices of tenant-1, one round (a section failure, two pump failures, four
+/// lone overheats). Exactly the incidents the simulator says should come appear on the topic and
+/// in the table: one per section failure naming the section and its failed devices, one per pump
+/// failure naming the device and both metrics, none for a lone overheat (whose anomaly is in the
+/// `anomalies` table all the same).
+#[test]
+fn the_simulators_failures_page_once_per_failure_and_never_for_a_lone_device() {
+    // Seeded round-robin over three tenants: 84 devices give tenant-1 28, one zone.
+    let mut stack = Stack::start(84, &[]);
+    let config = stack.dir.path().join("tributary.toml");
+    let fast = "[anomalies]\nclock_grace_secs = 5\nsweep_secs = 1\n\n[incidents]\nclock_grace_secs = 5\nsweep_secs = 1\n";
+    std::fs::write(
+        &config,
+        format!("{fast}\n{}", tributary_streams::failures::CONFIG),
+    )
+    .unwrap();
+    stack.set_env("TRIBUTARY_CONFIG", &config.display().to_string());
+    let mut pipeline = stack.spawn_pipeline(0);
+    stack.wait_http();
+    let labels = stack.dir.path().join("failures.jsonl");
+    let labels_arg = labels.display().to_string();
+    let simulator = stack.spawn_simulate(&[
+        "--via",
+        "http",
+        "--tenant",
+        "tenant-1",
+        "--devices",
+        "28",
+        "--per-section",
+        "4",
+        "--failures",
+        "--duration",
+        "90m",
+        "--step",
+        "10s",
+        "--rate",
+        "3000",
+        "--seed",
+        "20261207",
+        "--labels",
+        &labels_arg,
+    ]);
+    let summary = stack.finish_simulator(simulator);
+    assert_eq!(summary["messages"], 28 * 540, "{summary}");
+
+    let failures: Vec<serde_json::Value> = std::fs::read_to_string(&labels)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = failures
+        .iter()
+        .map(|f| f["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["section", "pump", "pump", "lone", "lone", "lone", "lone"]
+    );
+    // (rule, scope) → the failed devices, for the failures that should page.
+    let expected: BTreeMap<(String, String), BTreeSet<String>> = failures
+        .iter()
+        .filter(|f| !f["rule"].is_null())
+        .map(|f| {
+            let key = (
+                f["rule"].as_str().unwrap().to_owned(),
+                f["scope"].as_str().unwrap().to_owned(),
+            );
+            let devices = f["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_str().unwrap().to_owned())
+                .collect();
+            (key, devices)
+        })
+        .collect();
+    assert_eq!(expected.len(), 3, "{failures:?}");
+
+    wait_until(
+        "every expected incident resolved in the table",
+        Duration::from_secs(180),
+        || resolved(&stack) >= 3,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The table: exactly the expected incidents, each lifecycle record once.
+    let opened = stack.sql(
+        "SELECT incident_id, rule, scope FROM incidents WHERE change = 'open' ORDER BY rule, scope",
+    );
+    let found: Vec<(String, String)> = opened
+        .iter()
+        .map(|r| {
+            (
+                r["rule"].as_str().unwrap().to_owned(),
+                r["scope"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        expected.keys().cloned().collect::<Vec<_>>(),
+        "{failures:?}"
+    );
+    let dups = stack.sql("SELECT count(*) AS n FROM (SELECT incident_id, seq FROM incidents GROUP BY 1, 2 HAVING count(*) > 1)");
+    assert_eq!(dups[0]["n"], 0);
+
+    // The topic: the same incidents, with the failed devices as members, all resolved.
+    let records: Vec<Incident> = stack.records(&tributary_schemas::Topics::default().incidents);
+    let current = latest(&records);
+    assert_eq!(current.len(), 3, "{records:?}");
+    for incident in current.values() {
+        let key = (incident.rule.clone(), incident.scope.clone());
+        let devices = expected.get(&key).unwrap_or_else(|| panic!("{incident:?}"));
+        assert_eq!(
+            &incident.devices.iter().cloned().collect::<BTreeSet<_>>(),
+            devices,
+            "{incident:?}"
+        );
+        assert_eq!(incident.status, IncidentStatus::Resolved, "{incident:?}");
+        if incident.rule == "pump" {
+            assert_eq!(incident.metrics, ["pressure", "temperature"]);
+        }
+    }
+    let ids: BTreeSet<&str> = current.keys().map(String::as_str).collect();
+    let table_ids: BTreeSet<&str> = opened
+        .iter()
+        .map(|r| r["incident_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, table_ids);
+
+    // Each lone overheat is an anomaly all the same.
+    let hot: BTreeSet<String> = stack
+        .sql("SELECT DISTINCT device FROM anomalies WHERE detector = 'hot'")
+        .iter()
+        .map(|r| r["device"].as_str().unwrap().to_owned())
+        .collect();
+    for f in failures.iter().filter(|f| f["kind"] == "lone") {
+        let device = f["devices"][0].as_str().unwrap();
+        assert!(hot.contains(device), "{device} of {f}");
+    }
     kill(&mut pipeline);
 }

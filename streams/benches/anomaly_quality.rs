@@ -18,7 +18,7 @@ use tributary_schemas::Reading;
 use tributary_schemas::avro::AnomalyState;
 use tributary_schemas::detectors::DetectorKind;
 use tributary_streams::anomaly::{AnomalyConfig, Detection};
-use tributary_streams::labelled::{self, Detected, LabelledFleet, METRICS};
+use tributary_streams::labelled::{self, Detected, Fleet, LabelledFleet, METRICS};
 
 const T0: i64 = 1_795_000_000_000_000;
 const PARTITIONS: usize = 4;

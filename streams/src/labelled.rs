@@ -145,7 +145,7 @@ pub struct LabelledFleet {
 }
 
 /// A deterministic 64-bit mix (SplitMix64's finaliser).
-fn mix(mut x: u64) -> u64 {
+pub(crate) fn mix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -158,7 +158,7 @@ fn unit(x: u64) -> f64 {
 }
 
 /// Roughly standard normal (the sum of four uniforms, scaled), from `x`.
-fn normal(x: u64) -> f64 {
+pub(crate) fn normal(x: u64) -> f64 {
     let sum: f64 = (0..4u64).map(|k| unit(x ^ (k << 56))).sum();
     (sum - 2.0) * (3.0f64).sqrt()
 }
@@ -278,15 +278,6 @@ impl LabelledFleet {
         }
     }
 
-    /// Samples per device.
-    pub fn steps(&self) -> u64 {
-        self.steps
-    }
-
-    pub fn devices(&self) -> usize {
-        self.devices.len()
-    }
-
     /// Every label, by device then start.
     pub fn labels(&self) -> Vec<Label> {
         self.devices
@@ -383,9 +374,36 @@ impl LabelledFleet {
         ))
     }
 
-    /// The device name of `d`.
-    pub fn device(&self, d: usize) -> &str {
+}
+
+/// A fleet of known ground truth the simulator sends ([`LabelledFleet`],
+/// [`crate::failures::FailureFleet`]): every device's samples, step by step.
+pub trait Fleet: Send + Sync {
+    /// Samples per device.
+    fn steps(&self) -> u64;
+    fn devices(&self) -> usize;
+    /// The name of device `d`.
+    fn device(&self, d: usize) -> &str;
+    /// Device `d`'s sample `i`: its event time and (metric, value)s, or `None` while it is silent.
+    fn readings(&self, d: usize, i: u64) -> Option<(Micros, Vec<(&'static str, f64)>)>;
+}
+
+impl Fleet for LabelledFleet {
+    fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    fn device(&self, d: usize) -> &str {
         self.devices.get(d).map_or("", |d| d.name.as_str())
+    }
+
+    fn readings(&self, d: usize, i: u64) -> Option<(Micros, Vec<(&'static str, f64)>)> {
+        let (t, values) = self.sample(d, i)?;
+        Some((t, METRICS.into_iter().zip(values).collect()))
     }
 }
 

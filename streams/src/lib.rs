@@ -7,7 +7,8 @@
 //! `telemetry` → `anomalies`), incidents ([`incidents`]: `anomalies` → `incidents`) and their
 //! delivery ([`alerts::AlertDelivery`]: `incidents` → Alertmanager and webhooks). Their logic is pure and testable without servers
 //! ([`cleanse::Cleanser`], [`dedup::DedupWindow`], [`detectors::Series`]); [`labelled`] is the
-//! ground truth detection is scored against (labelled anomalies the simulator sends). The catalogs they apply
+//! ground truth detection is scored against (labelled anomalies the simulator sends), [`failures`]
+//! the one correlation is (correlated failures in zones and sections). The catalogs they apply
 //! are contracts (`tributary_schemas::catalog`, `tributary_schemas::detectors`). Each stage is one
 //! consumer group and scales out by adding instances.
 //!
@@ -21,6 +22,7 @@ pub mod clock;
 pub mod containment;
 pub mod dedup;
 pub mod detectors;
+pub mod failures;
 pub mod incidents;
 pub mod labelled;
 pub mod runtime;
