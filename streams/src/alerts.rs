@@ -715,6 +715,7 @@ impl AlertDelivery {
             alerts_retry_at: 0,
             alerts_failures: 0,
             last_scan: None,
+            fresh: false,
             counts: Counts::default(),
         };
         let batching = Batching::new(self.config.batch_size, self.config.batch_ms);
@@ -748,6 +749,9 @@ struct DeliveryRun {
     alerts_retry_at: Micros,
     alerts_failures: u32,
     last_scan: Option<Instant>,
+    /// Incident records arrived since the last scan: scanned for as soon as no post is in
+    /// flight, not at the next periodic scan.
+    fresh: bool,
     counts: Counts,
 }
 
@@ -1052,11 +1056,15 @@ impl DeliveryRun {
     /// What the timers do: results in, due work out, the changelog of what changed.
     fn pump(&mut self, now: Micros) -> Result<Vec<Emit>, StreamError> {
         let mut out = self.collect(now);
-        if self
-            .last_scan
-            .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
-        {
+        let since = |ms: u64| {
+            self.last_scan
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(ms))
+        };
+        // Every 500 ms (re-posts, retries, snoozes ending), and at most every 20 ms while new
+        // records wait and no post is in flight.
+        if since(500) || (self.fresh && !self.alerts_in_flight && since(20)) {
             self.last_scan = Some(Instant::now());
+            self.fresh = false;
             self.start_due(now);
         }
         out.extend(self.state.changelog()?);
@@ -1110,6 +1118,7 @@ impl Stage for DeliveryRun {
             return Ok(Vec::new());
         };
         self.counts.records += 1;
+        self.fresh = true;
         let now = tributary_schemas::now_micros();
         let (webhooks, query_url) = (&self.config.webhooks, self.config.query_url.as_str());
         if let Some(s) = self
@@ -1141,6 +1150,12 @@ impl Stage for DeliveryRun {
     }
 
     fn idle(&mut self, now: Micros) -> Result<Vec<Emit>, StreamError> {
+        self.pump(now)
+    }
+
+    fn after_batch(&mut self, now: Micros) -> Result<Vec<Emit>, StreamError> {
+        // Under a steady stream of incident records the input never goes quiet: the records
+        // just read are posted now, not at the next commit.
         self.pump(now)
     }
 

@@ -11,8 +11,9 @@
 //!   anomalies, …). Per batch: restore the state of newly assigned partitions, process each record
 //!   under [`containment`] (a panic is an error of that record; after
 //!   [`containment::MAX_ATTEMPTS`] the stage's [`Stage::give_up`] dead-letters it), emit the
-//!   outputs and wait for Kafka's acks; every [`Batching::commit_every`], write the state's
-//!   changelog ([`Stage::checkpoint`]) and wait again, and only then commit the input offsets.
+//!   outputs and [`Stage::after_batch`]'s and wait for Kafka's acks; every
+//!   [`Batching::commit_every`], write the state's changelog ([`Stage::checkpoint`]) and wait
+//!   again, and only then commit the input offsets.
 //!
 //! That order is what makes restored state consistent with the committed offsets. Outputs are at
 //! least once (after a crash the records since the last commit are processed again and their
@@ -332,6 +333,13 @@ pub trait Stage: Send {
     /// Between batches: e.g. apply a changed catalog.
     fn refresh(&mut self) {}
 
+    /// After each batch, under load as much as when idle: outputs of work that must not wait for
+    /// the input to go quiet (alert delivery starting the posts of the records just read), `now`
+    /// being the wall clock.
+    fn after_batch(&mut self, _now: Micros) -> Result<Vec<Emit>, StreamError> {
+        Ok(Vec::new())
+    }
+
     /// Before the input offsets are committed (every [`Batching::commit_every`], after the
     /// outputs of every batch since were acknowledged): the state's changelog records
     /// ([`KeyedState::changelog`]).
@@ -499,6 +507,11 @@ pub async fn run<S: Stage>(
             next_offsets.insert(partition, offset + 1);
             in_batch += 1;
             count += 1;
+        }
+        if in_batch > 0 {
+            for emit in stage.after_batch(now_micros())? {
+                deliveries.push(send(&producer, &emit).await?);
+            }
         }
         for d in deliveries {
             kafka::delivered(d).await?;
