@@ -4,7 +4,8 @@
 //! their Rust types ([`avro`], the `.avsc` files under `schemas/avro/`), the Confluent wire framing,
 //! the device payload formats devices may send ([`payload`]: our JSON and SenML), the device registry
 //! model and its in-memory view ([`registry`]), the metric catalog and its units ([`catalog`],
-//! [`units`]), the detector catalog ([`detectors`]), the incident rules ([`incidents`]) and the Kafka client settings every stage shares ([`kafka`]).
+//! [`units`]), the detector catalog ([`detectors`]), the incident rules ([`incidents`]), the device shadow document and its algebra ([`shadows`]) and
+//! the Kafka client settings every stage shares ([`kafka`]).
 //!
 //! It must not touch: I/O, any stage's logic, or the lake.
 
@@ -16,6 +17,7 @@ pub mod incidents;
 pub mod kafka;
 pub mod payload;
 pub mod registry;
+pub mod shadows;
 pub mod topics;
 pub mod units;
 
