@@ -37,10 +37,10 @@ use tributary_schemas::registry::{
 use crate::catalog::{CatalogSetting, CatalogWriter};
 use crate::detectors::{DetectorSetting, DetectorWriter};
 use crate::incident_rules::{IncidentRuleSetting, IncidentRuleWriter};
+use crate::issue_token;
 use crate::tenant_settings::{
     SettingWriters, TenantSetting, TenantSettingWriter, delete_setting, get_setting, put_setting,
 };
-use crate::issue_token;
 use crate::writer::RegistryWriter;
 
 /// Most devices one bulk request may create.
@@ -94,7 +94,10 @@ impl RegistryApi {
             )
             .route("/v1/groups", get(groups))
             .route("/v1/tenants/{tenant}/catalog", setting::<CatalogSetting>())
-            .route("/v1/tenants/{tenant}/detectors", setting::<DetectorSetting>())
+            .route(
+                "/v1/tenants/{tenant}/detectors",
+                setting::<DetectorSetting>(),
+            )
             .route(
                 "/v1/tenants/{tenant}/incident-rules",
                 setting::<IncidentRuleSetting>(),

@@ -57,12 +57,7 @@ impl TenantSetting for DetectorSetting {
             .map_err(|e| (format!("detectors.{}.{}", e.detector, e.field), e.reason))
     }
 
-    fn event(
-        tenant: &str,
-        at: Micros,
-        actor: &str,
-        own: Option<TenantDetectors>,
-    ) -> DetectorEvent {
+    fn event(tenant: &str, at: Micros, actor: &str, own: Option<TenantDetectors>) -> DetectorEvent {
         DetectorEvent {
             tenant: tenant.to_owned(),
             at,

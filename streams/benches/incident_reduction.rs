@@ -21,10 +21,10 @@ use std::time::Instant;
 
 use tributary_schemas::Reading;
 use tributary_schemas::avro::{self, AnomalyState, IncidentChange};
-use tributary_streams::labelled::Fleet;
 use tributary_streams::anomaly::{AnomalyConfig, Detection};
 use tributary_streams::failures::{self, FailureFleet, FailureKind};
 use tributary_streams::incidents::{Correlator, IncidentConfig, input_partition, route};
+use tributary_streams::labelled::Fleet;
 
 const T0: i64 = 1_796_000_000_000_000;
 const PARTITIONS: i32 = 4;

@@ -330,7 +330,10 @@ mod tests {
             assert_eq!(sections.len(), 7);
         }
         let kinds: Vec<FailureKind> = f.failures()[..7].iter().map(|x| x.kind).collect();
-        assert_eq!(kinds.iter().filter(|k| **k == FailureKind::Section).count(), 1);
+        assert_eq!(
+            kinds.iter().filter(|k| **k == FailureKind::Section).count(),
+            1
+        );
         assert_eq!(kinds.iter().filter(|k| **k == FailureKind::Pump).count(), 2);
         // A section failure: 3 of 4 devices, all of that section.
         let s = &f.failures()[0];
@@ -358,11 +361,10 @@ mod tests {
         for i in 0..f.steps() {
             let (t, [temp, pressure]) = f.sample(d, i).unwrap();
             assert!(temp.is_finite() && pressure.is_finite());
-            let inside = f.failures().iter().any(|x| {
-                x.hot
-                    .iter()
-                    .any(|h| h.0 == d && h.1 <= t && t < h.2)
-            });
+            let inside = f
+                .failures()
+                .iter()
+                .any(|x| x.hot.iter().any(|h| h.0 == d && h.1 <= t && t < h.2));
             assert_eq!(temp > 80.0, inside, "sample {i} at {t}");
             hot += usize::from(t >= start && t < end);
         }

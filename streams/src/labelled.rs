@@ -373,7 +373,6 @@ impl LabelledFleet {
             ],
         ))
     }
-
 }
 
 /// A fleet of known ground truth the simulator sends ([`LabelledFleet`],
