@@ -16,8 +16,13 @@ pub async fn create_topics(kafka: &KafkaConfig) -> anyhow::Result<()> {
         .iter()
         .map(|s| {
             let t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(1));
-            if s.compacted {
+            let t = if s.compacted {
                 t.set("cleanup.policy", "compact")
+            } else {
+                t
+            };
+            if s.keep_forever {
+                t.set("retention.ms", "-1")
             } else {
                 t
             }

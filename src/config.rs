@@ -14,6 +14,7 @@ use tributary_lake::timeseries_sink::TimeSeriesConfig;
 use tributary_query::QueryConfig;
 use tributary_registry::RegistryConfig;
 use tributary_schemas::kafka::KafkaConfig;
+use tributary_schemas::shadows::ShadowConfig;
 use tributary_streams::alerts::AlertsConfig;
 use tributary_streams::anomaly::AnomalyConfig;
 use tributary_streams::cleanse::CleanseConfig;
@@ -54,6 +55,7 @@ pub struct Config {
     pub lake: LakeConfig,
     pub timeseries: TimeSeriesConfig,
     pub query: QueryConfig,
+    pub shadows: ShadowConfig,
     pub simulator: SimulatorConfig,
 }
 
@@ -162,6 +164,16 @@ impl Config {
                 "kafka.topics.incident_rules",
                 &self.kafka.topics.incident_rules,
             ),
+            (
+                "kafka.topics.shadow_updates",
+                &self.kafka.topics.shadow_updates,
+            ),
+            (
+                "kafka.topics.shadow_responses",
+                &self.kafka.topics.shadow_responses,
+            ),
+            ("kafka.topics.shadows", &self.kafka.topics.shadows),
+            ("kafka.topics.shadow_state", &self.kafka.topics.shadow_state),
         ] {
             if name.is_empty()
                 || !name
@@ -187,6 +199,10 @@ impl Config {
             ("http.max_messages", self.http.max_messages as u64),
             ("http.tenant_burst", u64::from(self.http.tenant_burst)),
             ("http.ack_timeout_ms", self.http.ack_timeout_ms),
+            ("shadows.max_bytes", self.shadows.max_bytes as u64),
+            ("shadows.max_depth", self.shadows.max_depth as u64),
+            ("shadows.answer_timeout_ms", self.shadows.answer_timeout_ms),
+            ("shadows.batch_size", self.shadows.batch_size as u64),
         ] {
             if value == 0 {
                 return bad(key, &0, "must be at least 1");

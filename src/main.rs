@@ -16,6 +16,7 @@ mod maintenance;
 mod pipeline;
 mod progress;
 mod rebuild;
+mod shadow_log;
 mod simulator;
 
 use std::path::PathBuf;
@@ -87,8 +88,8 @@ enum Command {
         #[command(subcommand)]
         command: deadletters::DeadLetterCommand,
     },
-    /// Rebuild a lake table from the `raw` log into a new table; `--check` compares it with the
-    /// live one.
+    /// Rebuild a lake table from the logs (`raw`; `shadow-updates` for shadows) into a new table;
+    /// `--check` compares it with the live one.
     Rebuild(rebuild::RebuildArgs),
     /// Compact a lake table's small files (Delta OPTIMIZE), optionally Z-ordered; safe beside
     /// the running sinks.

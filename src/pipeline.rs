@@ -22,6 +22,15 @@
 //!                                                                         webhooks per tenant
 //! people ─HTTP─▶ query (/v1/incidents/{id}/acknowledge|snooze|resolve) ─▶ incident-inputs
 //!
+//! devices ─MQTT devices/{id}/shadow/…/update, HTTP /v1/devices/{id}/shadow─┐
+//! apps ─HTTP─▶ query (/v1/devices/{id}/shadow, desired state) ─────────────┴─▶ shadow-updates
+//!   ─▶ shadows stage ─┬─▶ shadows (compacted: each current document) ─┬─▶ the shadow view of
+//!                     │   http, mqtt and query (GET /v1/devices/{id}/shadow)
+//!                     │                                                └─▶ lake (Delta tables
+//!                     │                                                    `shadows`, `shadow_history`)
+//!                     └─▶ shadow-responses ─▶ the waiting HTTP request; mqtt ─▶ devices/{id}/
+//!                         shadow/…/update/accepted|rejected|delta (delta retained)
+//!
 //! telemetry ─▶ timeseries ─line protocol─▶ InfluxDB 2/3 or VictoriaMetrics (tags from registry)
 //!
 //! data engineers ─psql / HTTP─▶ query (Postgres wire protocol, POST /v1/sql) ─▶ every lake table
@@ -41,6 +50,7 @@ use tributary_ingest::producer::RawProducer;
 use tributary_lake::delta_sink::DeltaSink;
 use tributary_lake::tables::LakeRow;
 use tributary_lake::tables::devices::DeviceState;
+use tributary_lake::tables::shadows::{ShadowRow, ShadowVersion};
 use tributary_lake::tables::usage::UsageEvent;
 use tributary_lake::timeseries_sink::TimeSeriesSink;
 use tributary_query::QueryService;
@@ -58,15 +68,18 @@ use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::detectors::DetectorOverrides;
 use tributary_schemas::incidents::IncidentRuleOverrides;
 use tributary_schemas::registry::DeviceRegistry;
+use tributary_schemas::shadows::ShadowLogHandle;
 use tributary_schemas::{DeadLetter, Reading};
 use tributary_streams::StreamError;
 use tributary_streams::alerts::AlertDelivery;
 use tributary_streams::anomaly::AnomalyStage;
 use tributary_streams::cleanse::CleanseStage;
 use tributary_streams::incidents::{IncidentRouting, IncidentStage};
+use tributary_streams::shadows::ShadowStage;
 
 use crate::config::Config;
 use crate::incident_actions::KafkaIncidentActions;
+use crate::shadow_log::KafkaShadowLog;
 
 /// A stage of the pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -86,8 +99,11 @@ pub enum Stage {
     Incidents,
     /// Alert delivery: incidents → Alertmanager and webhooks (`[alerts]`).
     Alerts,
-    /// Delta sinks: telemetry, deadletter, anomalies, incidents, registry (→ `devices`) and raw (→ `usage`)
-    /// → Delta tables.
+    /// Device shadows: shadow-updates → shadows + shadow-responses (`[shadows]`), the single
+    /// writer of every shadow.
+    Shadows,
+    /// Delta sinks: telemetry, deadletter, anomalies, incidents, registry (→ `devices`), raw (→ `usage`)
+    /// and shadows (→ `shadows`, `shadow_history`) → Delta tables.
     Lake,
     /// Time-series sink: telemetry → an InfluxDB-2-compatible write API (`[timeseries]`).
     Timeseries,
@@ -155,7 +171,15 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
     // Ingest authenticates devices and stamps their tenant, the time-series sink tags points with
     // their site: they need the whole registry first.
     let registry = Arc::new(DeviceRegistry::new());
-    if stage.includes(Stage::Http) || stage.includes(Stage::Mqtt) || timeseries {
+    // The shadow endpoints (device HTTP, MQTT, the apps' query HTTP) share one link to the shadow
+    // stage; apps may only touch their tenant's devices, so they need the registry too. Ingest
+    // needs Kafka anyway and links before it serves; a query server alone serves SQL without
+    // Kafka and links in the background (its shadow routes answer 503 until then).
+    let query_http = stage.includes(Stage::Query)
+        && !config.query.users.is_empty()
+        && !config.query.http_listen.is_empty();
+    let ingest = stage.includes(Stage::Http) || stage.includes(Stage::Mqtt);
+    if ingest || timeseries {
         let follower = follower::follow(&config.kafka, registry.clone())
             .await
             .context("loading the device registry from its topic")?;
@@ -164,6 +188,49 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             Ok("registry follower")
         });
     }
+    let shadow_log = ShadowLogHandle::default();
+    let answer_wait = Duration::from_millis(config.shadows.answer_timeout_ms);
+    if ingest {
+        let (log, followers) =
+            KafkaShadowLog::start(&config.kafka, answer_wait, registry.clone()).await?;
+        shadow_log.set(log);
+        for follower in followers {
+            tasks.spawn(async move {
+                follower.await?;
+                Ok("shadow follower")
+            });
+        }
+    } else if query_http {
+        let (kafka, registry, handle) =
+            (config.kafka.clone(), registry.clone(), shadow_log.clone());
+        tasks.spawn(async move {
+            let followers = loop {
+                let linked = async {
+                    let registry_follower = follower::follow(&kafka, registry.clone()).await?;
+                    let (log, mut tasks) =
+                        KafkaShadowLog::start(&kafka, answer_wait, registry.clone()).await?;
+                    tasks.push(registry_follower);
+                    anyhow::Ok((log, tasks))
+                };
+                match linked.await {
+                    Ok((log, tasks)) => {
+                        handle.set(log);
+                        tracing::info!("shadow endpoints linked to the shadow stage");
+                        break tasks;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "shadow endpoints not linked yet (Kafka); retrying");
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                }
+            };
+            for f in followers {
+                f.await?;
+            }
+            Ok("shadow follower")
+        });
+    }
+    let shadow_limits = config.shadows.limits();
     if timeseries {
         let sink = Arc::new(TimeSeriesSink::new(
             config.kafka.clone(),
@@ -218,6 +285,9 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             );
             let mut http = HttpIngest::new(config.http.clone(), registry.clone(), producer.clone())
                 .with_admin(&admin);
+            if let Some(log) = shadow_log.get() {
+                http = http.with_shadows(log, shadow_limits);
+            }
             if !config.registry.tenant_keys.is_empty() {
                 let sr = SelfRegistration::new(&config.registry.tenant_keys, writer)?;
                 http = http.with_self_registration(Arc::new(sr));
@@ -228,11 +298,11 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             });
         }
         if stage.includes(Stage::Mqtt) {
-            let bridge = Arc::new(MqttBridge::new(
-                config.mqtt.clone(),
-                registry.clone(),
-                producer,
-            ));
+            let mut bridge = MqttBridge::new(config.mqtt.clone(), registry.clone(), producer);
+            if let Some(log) = shadow_log.get() {
+                bridge = bridge.with_shadows(log, shadow_limits);
+            }
+            let bridge = Arc::new(bridge);
             supervise(&mut tasks, "mqtt", move || {
                 let bridge = bridge.clone();
                 async move { Ok(bridge.run().await?) }
@@ -302,8 +372,21 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
             tracing::info!("no alert receivers ([alerts]): incidents are delivered to none");
         }
     }
+    if stage.includes(Stage::Shadows) {
+        let shadows = Arc::new(ShadowStage::new(config.kafka.clone(), config.shadows));
+        supervise(&mut tasks, "shadows", move || {
+            let shadows = shadows.clone();
+            async move { Ok(shadows.run().await?) }
+        });
+    }
     if stage.includes(Stage::Query) {
-        spawn_query(&mut tasks, &config, stage.0.contains(&Stage::Query))?;
+        let explicit = stage.0.contains(&Stage::Query);
+        spawn_query(
+            &mut tasks,
+            &config,
+            explicit,
+            query_http.then(|| shadow_log.clone()),
+        )?;
     }
     if stage.includes(Stage::Lake) {
         let topics = &config.kafka.topics;
@@ -313,6 +396,8 @@ pub async fn run(config: Config, stages: &[Stage]) -> anyhow::Result<()> {
         spawn_sink::<Incident>(&mut tasks, &config, &topics.incidents, "lake-incidents");
         spawn_sink::<DeviceState>(&mut tasks, &config, &topics.registry, "lake-devices");
         spawn_sink::<UsageEvent>(&mut tasks, &config, &topics.raw, "lake-usage");
+        spawn_sink::<ShadowRow>(&mut tasks, &config, &topics.shadows, "lake-shadows");
+        spawn_sink::<ShadowVersion>(&mut tasks, &config, &topics.shadows, "lake-shadow-history");
     }
     tokio::select! {
         done = tasks.join_next() => {
@@ -336,6 +421,7 @@ fn spawn_query(
     tasks: &mut JoinSet<anyhow::Result<&'static str>>,
     config: &Config,
     explicit: bool,
+    shadows: Option<ShadowLogHandle>,
 ) -> anyhow::Result<()> {
     let query = &config.query;
     if query.users.is_empty() {
@@ -347,9 +433,12 @@ fn spawn_query(
     }
     let service = Arc::new(QueryService::new(config.lake.clone(), query.limits()));
     if !query.http_listen.is_empty() {
-        let http = SqlHttp::new(service.clone(), query.clone())
+        let mut http = SqlHttp::new(service.clone(), query.clone())
             .with_openapi(tributary_ingest::http::OPENAPI)
             .with_incidents(KafkaIncidentActions::new(&config.kafka)?);
+        if let Some(log) = shadows {
+            http = http.with_shadows(log, config.shadows.limits());
+        }
         let listen = query.http_listen.clone();
         tasks.spawn(async move {
             http.serve(&listen)

@@ -10,7 +10,9 @@
 //! `anomalies` over the columns that are functions of the readings alone (ids, lifecycle, who,
 //! what, start and end: not the evidence of records the clock made, nor the telemetry offsets,
 //! which a rebuild from `raw` does not have), over the whole table: check it when the live stage
-//! has caught up and idled for a sweep.
+//! has caught up and idled for a sweep. `shadows` and `shadow_history` are the shadow stage's
+//! documents over `shadow-updates` (each shadow's updates in log order, the same document
+//! algebra and limits), compared over every column: check them when the stage has caught up.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,13 +25,14 @@ use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{BorrowedMessage, Message};
 use tributary_lake::delta_sink::{open_table, write_rows};
 use tributary_lake::tables::LakeRow;
+use tributary_lake::tables::shadows::{ShadowRow, ShadowVersion};
 use tributary_lake::tables::usage::UsageEvent;
 use tributary_query::SqlEngine;
 use tributary_registry::follower;
-use tributary_schemas::avro::Anomaly;
-use tributary_schemas::avro::decode;
+use tributary_schemas::avro::{Anomaly, ShadowDocument, ShadowUpdate, decode};
 use tributary_schemas::catalog::CatalogOverrides;
 use tributary_schemas::kafka::read_to_end;
+use tributary_schemas::shadows::{self, Limits, Shadow};
 use tributary_schemas::{DeadLetter, Micros, RawEnvelope, Reading, micros_of_secs};
 use tributary_streams::anomaly::Detection;
 use tributary_streams::cleanse::{Cleanser, Output, Position};
@@ -37,17 +40,25 @@ use tributary_streams::cleanse::{Cleanser, Output, Position};
 use crate::config::Config;
 use crate::progress::Progress;
 
-/// The tables that can be rebuilt from `raw`.
+/// The tables that can be rebuilt from the logs (`raw`; `shadow-updates` for the shadows).
 #[derive(Clone, Copy, ValueEnum)]
 pub enum Rebuildable {
     Telemetry,
     Deadletter,
     Usage,
     Anomalies,
+    /// `shadows`, from `shadow-updates`.
+    Shadows,
+    /// `shadow_history`, from `shadow-updates`.
+    ShadowHistory,
 }
 
 /// Turns each raw record into rows of `R`.
 trait Derive<R>: Send + 'static {
+    /// The log it derives from: `raw`, unless it says otherwise.
+    fn source(&self, topics: &tributary_schemas::topics::Topics) -> String {
+        topics.raw.clone()
+    }
     fn record(&mut self, cleanser: &mut Cleanser, m: &BorrowedMessage<'_>, rows: &mut Vec<R>);
     /// After the last record.
     fn finish(&mut self, _rows: &mut Vec<R>) {}
@@ -132,6 +143,30 @@ impl Derive<Anomaly> for Anomalies {
     }
 }
 
+/// The shadow stage over `shadow-updates` (each shadow's updates are in one partition, in log
+/// order): every accepted update's document, as the live stage wrote it to `shadows`.
+struct Shadows {
+    shadows: HashMap<String, Shadow>,
+    limits: Limits,
+}
+
+impl<R: LakeRow<Record = ShadowDocument>> Derive<R> for Shadows {
+    fn source(&self, topics: &tributary_schemas::topics::Topics) -> String {
+        topics.shadow_updates.clone()
+    }
+    fn record(&mut self, _: &mut Cleanser, m: &BorrowedMessage<'_>, rows: &mut Vec<R>) {
+        let Some(Ok(update)) = m.payload().map(decode::<ShadowUpdate>) else {
+            return;
+        };
+        let key = shadows::key(&update.tenant, &update.device, &update.name);
+        let shadow = self.shadows.entry(key).or_default();
+        if let Some(doc) = tributary_streams::shadows::apply(shadow, &update, &self.limits).document
+        {
+            rows.extend(R::from_record(doc));
+        }
+    }
+}
+
 /// The columns of `anomalies` a rebuild must reproduce (see the module doc).
 const ANOMALY_COLUMNS: &[&str] = &[
     "anomaly_id",
@@ -213,6 +248,17 @@ pub async fn run(config: &Config, args: RebuildArgs) -> anyhow::Result<()> {
             };
             rebuild::<Anomaly>(config, &args, false, derive).await
         }
+        Rebuildable::Shadows => rebuild::<ShadowRow>(config, &args, false, shadows(config)).await,
+        Rebuildable::ShadowHistory => {
+            rebuild::<ShadowVersion>(config, &args, false, shadows(config)).await
+        }
+    }
+}
+
+fn shadows(config: &Config) -> Shadows {
+    Shadows {
+        shadows: HashMap::new(),
+        limits: config.shadows.limits(),
     }
 }
 
@@ -259,12 +305,14 @@ async fn rebuild<R: LakeRow>(
             .compile(&overrides.snapshot())?,
     );
     let commit_rows = args.commit_rows.max(1);
+    let source = derive.source(&kafka.topics);
+    let read = source.clone();
     let reader = tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = kafka.reader("rebuild").create()?;
         let mut rows = Vec::new();
         let mut records = 0u64;
-        let mut progress = Progress::new("read raw", None);
-        let ends = read_to_end(&consumer, &kafka.topics.raw, |m| {
+        let mut progress = Progress::new("records read", None);
+        let ends = read_to_end(&consumer, &read, |m| {
             derive.record(&mut cleanser, m, &mut rows);
             records += 1;
             progress.add(1);
@@ -292,8 +340,7 @@ async fn rebuild<R: LakeRow>(
     }
     let (ends, records, check) = reader.await.context("raw reader")??;
     println!(
-        "rebuilt `{into}` from `{}`: {records} raw records → {written} rows in {commits} commits",
-        config.kafka.topics.raw
+        "rebuilt `{into}` from `{source}`: {records} records → {written} rows in {commits} commits"
     );
     if !args.check {
         return Ok(());

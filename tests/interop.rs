@@ -55,6 +55,32 @@ fn every_table_reads_the_same_in_deltalake_polars_and_datafusion() {
     wait_until("incidents in `incidents`", Duration::from_secs(60), || {
         stack.count("incidents") > 0
     });
+    // A device's shadow, three versions with a nested field, so `shadows` and `shadow_history`
+    // have rows.
+    let secrets = stack.secrets();
+    let (device, token) = (
+        secrets[0]["device"].as_str().unwrap(),
+        secrets[0]["token"].as_str().unwrap(),
+    );
+    for firmware in ["2.2", "2.3", "2.4"] {
+        let (status, body) = request(
+            "POST",
+            &format!(
+                "http://127.0.0.1:{}/v1/devices/{device}/shadow",
+                stack.http_port
+            ),
+            token,
+            "application/json",
+            &json!({"state": {"reported": {"firmware": firmware, "modem": {"rssi": -70}}}})
+                .to_string(),
+        );
+        assert_eq!(status, 200, "{body}");
+    }
+    wait_until(
+        "the shadow's versions in the lake",
+        Duration::from_secs(60),
+        || stack.count("shadow_history") == 3 && stack.count("shadows") == 1,
+    );
     kill(&mut pipeline);
     // Files written by a compaction (Z-ordered) read the same too.
     stack.ok(&["optimize", "telemetry", "--zorder-by", "device"]);

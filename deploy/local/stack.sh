@@ -87,8 +87,17 @@ mqtt_config() {
   cat >"$STACK_DIR/mosquitto.acl" <<ACL
 user tributary-bridge
 topic read ${MQTT_TOPIC_PATTERN//%u/+}
+topic read devices/+/shadow/#
+topic write devices/+/shadow/#
 
+# A device (user name = device id) sends its telemetry and its shadow requests, and reads only
+# its own shadow topics (accepted, rejected, delta).
 pattern write ${MQTT_TOPIC_PATTERN}
+pattern write devices/%u/shadow/update
+pattern write devices/%u/shadow/get
+pattern write devices/%u/shadow/name/+/update
+pattern write devices/%u/shadow/name/+/get
+pattern read devices/%u/shadow/#
 ACL
   mkdir -p "$STACK_DIR/mosquitto"
   cat >"$STACK_DIR/mosquitto.conf" <<CONF

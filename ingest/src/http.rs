@@ -15,14 +15,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tributary_schemas::avro::ShadowOrigin;
 use tributary_schemas::payload::{BodyFormat, content_event_id, refusal_at_ingest, split_body};
-use tributary_schemas::registry::DeviceRegistry;
+use tributary_schemas::registry::{Device, DeviceRegistry};
+use tributary_schemas::shadows::{self, Answer, Limits, ShadowLog};
 use tributary_schemas::{RawEnvelope, Source, now_micros};
 
 use crate::IngestError;
@@ -82,6 +84,7 @@ struct AppState {
     max_body_bytes: usize,
     rate_limit: Option<TenantRateLimit>,
     ack_timeout: Duration,
+    shadows: std::sync::OnceLock<(Arc<dyn ShadowLog>, Limits)>,
 }
 
 impl HttpIngest {
@@ -101,6 +104,7 @@ impl HttpIngest {
                 f64::from(config.tenant_burst),
             ),
             ack_timeout: Duration::from_millis(config.ack_timeout_ms),
+            shadows: std::sync::OnceLock::new(),
         });
         Self {
             config,
@@ -116,6 +120,13 @@ impl HttpIngest {
         self
     }
 
+    /// Also serves the devices' shadows (`/v1/devices/{id}/shadow[/{name}]`: GET, and POST of
+    /// an update), through `log`.
+    pub fn with_shadows(self, log: Arc<dyn ShadowLog>, limits: Limits) -> Self {
+        let _ = self.state.shadows.set((log, limits));
+        self
+    }
+
     /// Also serves the registry's admin API (`/v1/devices…`, `/v1/groups`).
     pub fn with_admin(mut self, api: &RegistryApi) -> Self {
         self.admin = Some(api.router());
@@ -127,6 +138,14 @@ impl HttpIngest {
         let admin = self.admin.clone().unwrap_or_default();
         Router::new()
             .route("/v1/telemetry", post(telemetry))
+            .route(
+                "/v1/devices/{id}/shadow",
+                get(get_classic_shadow).post(update_classic_shadow),
+            )
+            .route(
+                "/v1/devices/{id}/shadow/{name}",
+                get(get_named_shadow).post(update_named_shadow),
+            )
             .route("/healthz", get(|| async { "ok" }))
             .route(
                 "/openapi.json",
@@ -217,11 +236,9 @@ fn decode_body(headers: &HeaderMap, body: Bytes, max: usize) -> Result<Bytes, Ap
     }
 }
 
-async fn telemetry(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+/// The device a request's bearer token (or self-registration JWT) belongs to, enabled; else the
+/// 401 or 403 to answer.
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Arc<Device>, Response> {
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -233,25 +250,37 @@ async fn telemetry(
         (None, Some(t), Some(sr)) if SelfRegistration::looks_like_jwt(t) => {
             match sr.authenticate(t).await {
                 Ok(d) => d,
-                Err(r) if r.forbidden => return error(StatusCode::FORBIDDEN, r.reason, None),
-                Err(r) => return error(StatusCode::UNAUTHORIZED, r.reason, None),
+                Err(r) if r.forbidden => return Err(error(StatusCode::FORBIDDEN, r.reason, None)),
+                Err(r) => return Err(error(StatusCode::UNAUTHORIZED, r.reason, None)),
             }
         }
         _ => {
-            return error(
+            return Err(error(
                 StatusCode::UNAUTHORIZED,
                 "missing or unknown bearer token",
                 None,
-            );
+            ));
         }
     };
     if !device.enabled {
-        return error(
+        return Err(error(
             StatusCode::FORBIDDEN,
             format!("device `{}` is disabled", device.id),
             None,
-        );
+        ));
     }
+    Ok(device)
+}
+
+async fn telemetry(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let device = match authenticate(&state, &headers).await {
+        Ok(d) => d,
+        Err(refused) => return refused,
+    };
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -382,4 +411,111 @@ async fn telemetry(
         axum::Json(json!({ "accepted": ids.len(), "event_ids": ids })),
     )
         .into_response()
+}
+
+/// The device of the token, which must be device `id`, and the shadow log; else what to answer.
+async fn shadow_caller<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    id: &str,
+) -> Result<(Arc<Device>, &'a (Arc<dyn ShadowLog>, Limits)), Response> {
+    let Some(shadows) = state.shadows.get() else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "device shadows are not served by this process",
+            None,
+        ));
+    };
+    let device = authenticate(state, headers).await?;
+    if device.id != id {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token of device `{}` cannot use the shadow of device `{id}`",
+                device.id
+            ),
+            Some("id"),
+        ));
+    }
+    Ok((device, shadows))
+}
+
+fn answer(a: Answer) -> Response {
+    let status = StatusCode::from_u16(a.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, axum::Json(a.body)).into_response();
+    if let Some(secs) = a.retry_after_secs
+        && let Ok(v) = header::HeaderValue::from_str(&secs.to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    response
+}
+
+async fn get_shadow(state: &AppState, headers: &HeaderMap, id: &str, name: &str) -> Response {
+    match shadow_caller(state, headers, id).await {
+        Ok((device, (log, _))) => answer(shadows::get_endpoint(
+            log.view(),
+            &device.tenant,
+            &device.id,
+            name,
+        )),
+        Err(refused) => refused,
+    }
+}
+
+async fn update_shadow(
+    state: &AppState,
+    headers: &HeaderMap,
+    id: &str,
+    name: &str,
+    body: &[u8],
+) -> Response {
+    let (device, (log, limits)) = match shadow_caller(state, headers, id).await {
+        Ok(c) => c,
+        Err(refused) => return refused,
+    };
+    let who = (
+        device.tenant.as_str(),
+        device.id.as_str(),
+        ShadowOrigin::Device,
+        device.id.as_str(),
+    );
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    answer(shadows::update_endpoint(log.as_ref(), limits, who, name, content_type, body).await)
+}
+
+async fn get_classic_shadow(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    get_shadow(&state, &headers, &id, shadows::CLASSIC).await
+}
+
+async fn get_named_shadow(
+    State(state): State<Arc<AppState>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    get_shadow(&state, &headers, &id, &name).await
+}
+
+async fn update_classic_shadow(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    update_shadow(&state, &headers, &id, shadows::CLASSIC, &body).await
+}
+
+async fn update_named_shadow(
+    State(state): State<Arc<AppState>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    update_shadow(&state, &headers, &id, &name, &body).await
 }

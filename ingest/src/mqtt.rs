@@ -12,8 +12,10 @@ use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tributary_schemas::avro::{ShadowOrigin, ShadowResponse, ShadowResponseKind, ShadowUpdate};
 use tributary_schemas::payload::{self, BodyFormat};
 use tributary_schemas::registry::DeviceRegistry;
+use tributary_schemas::shadows::{self, Limits, MqttRequest, ShadowLog};
 use tributary_schemas::{RawEnvelope, Source, now_micros};
 
 use crate::IngestError;
@@ -119,12 +121,14 @@ impl MqttConfig {
     }
 }
 
-/// The bridge from the MQTT broker to the `raw` topic.
+/// The bridge from the MQTT broker to the `raw` topic (and, with shadows, the devices' shadow
+/// requests to the shadow log and the shadow stage's answers back to the devices).
 #[derive(Clone)]
 pub struct MqttBridge {
     config: MqttConfig,
     registry: Arc<DeviceRegistry>,
     producer: Arc<RawProducer>,
+    shadows: Option<(Arc<dyn ShadowLog>, Limits)>,
 }
 
 /// A received message waiting for Kafka's acknowledgement before its PUBACK.
@@ -145,7 +149,16 @@ impl MqttBridge {
             config,
             registry,
             producer,
+            shadows: None,
         }
+    }
+
+    /// Also bridges device shadows: requests on `devices/{id}/shadow[/name/{n}]/update|get` to
+    /// `log`, answers to `…/update/accepted|rejected|delta` (the delta retained, so a device that
+    /// was offline gets the current one when it subscribes) and `…/get/accepted|rejected`.
+    pub fn with_shadows(mut self, log: Arc<dyn ShadowLog>, limits: Limits) -> Self {
+        self.shadows = Some((log, limits));
+        self
     }
 
     fn envelope(&self, publish: &Publish, device: &str) -> RawEnvelope {
@@ -264,11 +277,45 @@ impl MqttBridge {
             })
         };
 
+        // Shadow requests, in arrival order, on their own task: each is logged, then acknowledged.
+        let (shadow_tx, shadow_rx) = match &self.shadows {
+            Some(_) => {
+                let (tx, rx) = mpsc::unbounded_channel::<Publish>();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let shadow_tasks = match (&self.shadows, shadow_rx) {
+            (Some((log, limits)), Some(rx)) => {
+                let requests = tokio::spawn(shadow_requests(
+                    client.clone(),
+                    self.registry.clone(),
+                    log.clone(),
+                    *limits,
+                    rx,
+                ));
+                let deliveries = log
+                    .deliveries()
+                    .map_err(|e| IngestError::Mqtt(e.to_string()))?;
+                let answers = tokio::spawn(shadow_answers(client.clone(), deliveries));
+                vec![requests.abort_handle(), answers.abort_handle()]
+            }
+            _ => Vec::new(),
+        };
+        let _shadow_tasks = AbortAll(shadow_tasks);
         let enqueuer = {
             let bridge = self.clone();
             tokio::spawn(async move {
                 while let Some(publish) = received.recv().await {
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    if let Some(requests) = &shadow_tx
+                        && shadows::parse_mqtt_topic(&topic).is_some()
+                    {
+                        if requests.send(publish).is_err() {
+                            break;
+                        }
+                        continue;
+                    }
                     let device = bridge
                         .config
                         .device_of(&topic)
@@ -328,9 +375,19 @@ impl MqttBridge {
                     {
                         // Queued from a task: the request queue drains only while this loop polls.
                         let (client, filter) = (client.clone(), filter.clone());
+                        let shadow_filters: Vec<String> = if self.shadows.is_some() {
+                            shadows::MQTT_REQUEST_FILTERS
+                                .iter()
+                                .map(|f| format!("$share/{}/{f}", self.config.share_group))
+                                .collect()
+                        } else {
+                            Vec::new()
+                        };
                         tokio::spawn(async move {
-                            if let Err(e) = client.subscribe(filter, QoS::AtLeastOnce).await {
-                                tracing::error!(error = %e, "cannot queue the subscription");
+                            for f in std::iter::once(filter).chain(shadow_filters) {
+                                if let Err(e) = client.subscribe(f, QoS::AtLeastOnce).await {
+                                    tracing::error!(error = %e, "cannot queue the subscription");
+                                }
                             }
                         });
                     }
@@ -346,6 +403,123 @@ impl MqttBridge {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+    }
+}
+
+/// Logs each shadow request of a device (refused ones answered on `…/update/rejected` at once),
+/// answers `…/get` from the view, then acknowledges it.
+async fn shadow_requests(
+    client: AsyncClient,
+    registry: Arc<DeviceRegistry>,
+    log: Arc<dyn ShadowLog>,
+    limits: Limits,
+    mut requests: mpsc::UnboundedReceiver<Publish>,
+) {
+    while let Some(publish) = requests.recv().await {
+        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+        let Some((device, name, request)) = shadows::parse_mqtt_topic(&topic) else {
+            continue;
+        };
+        // Mosquitto's ACL lets a device publish only under its own id: the topic names it.
+        let known = registry.get(device);
+        let now = now_micros();
+        let refusal = match &known {
+            None => Some(shadows::ShadowError::Invalid {
+                field: "device".into(),
+                reason: format!("device `{device}` is not registered"),
+            }),
+            Some(_) => shadows::check_name(name).err().or_else(|| {
+                (request == MqttRequest::Update)
+                    .then(|| {
+                        shadows::check_request(&publish.payload, ShadowOrigin::Device, &limits)
+                    })
+                    .and_then(Result::err)
+            }),
+        };
+        match (known, refusal, request) {
+            (_, Some(e), op) => {
+                let suffix = match op {
+                    MqttRequest::Update => "update/rejected",
+                    MqttRequest::Get => "get/rejected",
+                };
+                let token = serde_json::from_slice::<serde_json::Value>(&publish.payload)
+                    .ok()
+                    .and_then(|v| v.get("clientToken")?.as_str().map(str::to_owned));
+                let body = shadows::rejection(&e, token.as_deref(), now).to_string();
+                publish_to(
+                    &client,
+                    shadows::mqtt_topic(device, name, suffix),
+                    false,
+                    body,
+                )
+                .await;
+            }
+            (Some(d), None, MqttRequest::Get) => {
+                let answer = shadows::get_endpoint(log.view(), &d.tenant, device, name);
+                let suffix = if answer.status == 200 {
+                    "get/accepted"
+                } else {
+                    "get/rejected"
+                };
+                let topic = shadows::mqtt_topic(device, name, suffix);
+                publish_to(&client, topic, false, answer.body.to_string()).await;
+            }
+            (Some(d), None, MqttRequest::Update) => {
+                let update = ShadowUpdate {
+                    request_id: uuid::Uuid::new_v4().to_string(),
+                    tenant: d.tenant.clone(),
+                    device: device.to_owned(),
+                    name: name.to_owned(),
+                    origin: ShadowOrigin::Device,
+                    actor: device.to_owned(),
+                    received_at: now,
+                    body: publish.payload.to_vec(),
+                };
+                let mut backoff = Duration::from_millis(100);
+                while let Err(e) = log.record(update.clone()).await {
+                    tracing::warn!(error = %e, device, "shadow update not logged; holding PUBACK and retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            (None, None, _) => {}
+        }
+        if publish.qos != QoS::AtMostOnce
+            && let Err(e) = client.ack(&publish).await
+        {
+            tracing::warn!(error = %e, "cannot queue PUBACK");
+        }
+    }
+}
+
+/// Publishes the shadow stage's answers to the devices: `…/update/accepted|rejected`, and
+/// `…/update/delta` retained (an empty message clears it once the device has what was desired).
+async fn shadow_answers(client: AsyncClient, mut answers: mpsc::Receiver<ShadowResponse>) {
+    while let Some(a) = answers.recv().await {
+        let retain = a.kind == ShadowResponseKind::Delta;
+        let suffix = format!("update/{}", a.kind.as_str());
+        let topic = shadows::mqtt_topic(&a.device, &a.name, &suffix);
+        publish_to(&client, topic, retain, a.body).await;
+    }
+}
+
+async fn publish_to(client: &AsyncClient, topic: String, retain: bool, body: String) {
+    if let Err(e) = client
+        .publish(topic.clone(), QoS::AtLeastOnce, retain, body.into_bytes())
+        .await
+    {
+        tracing::warn!(error = %e, %topic, "cannot queue a shadow message");
+    }
+}
+
+/// Aborts any number of tasks when dropped.
+struct AbortAll(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortAll {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
         }
     }
 }

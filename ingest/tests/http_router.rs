@@ -131,6 +131,8 @@ async fn openapi_document_describes_exactly_the_served_routes() {
         "/v1/incidents",
         "/v1/incidents/{id}",
         "/v1/incidents/{id}/acknowledge",
+        "/v1/devices/{id}/shadow",
+        "/v1/devices/{id}/shadow/{name}",
     ] {
         assert!(paths.contains_key(served), "{served} is documented");
     }

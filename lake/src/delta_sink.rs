@@ -108,7 +108,10 @@ async fn write<R: LakeRow>(
                     }
                 }
             }
-            u
+            match spec.update_when {
+                Some(when) => u.predicate(when),
+                None => u,
+            }
         })?;
     }
     merge = merge.when_not_matched_insert(|mut i| {

@@ -28,6 +28,7 @@ use crate::config::{Principal, QueryConfig};
 use crate::format::{StreamEncoder, WireFormat};
 use crate::incidents::IncidentActionLog;
 use crate::{QueryError, QueryService, QueryStream};
+use tributary_schemas::shadows::{Limits, ShadowLogHandle};
 
 /// Bytes encoded before the response starts.
 const PREBUFFER_BYTES: usize = 1 << 20;
@@ -43,6 +44,10 @@ pub(crate) struct HttpState {
     openapi: Option<&'static str>,
     /// Where incident actions are recorded (`None`: the incident routes only read).
     pub(crate) incidents: Option<Arc<dyn IncidentActionLog>>,
+    /// Where shadow updates go and shadows are read (`None`: the shadow routes answer 404; not
+    /// connected yet: 503).
+    pub(crate) shadows: Option<ShadowLogHandle>,
+    pub(crate) shadow_limits: Limits,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +66,8 @@ impl SqlHttp {
                 config,
                 openapi: None,
                 incidents: None,
+                shadows: None,
+                shadow_limits: Limits::default(),
             }),
         }
     }
@@ -81,11 +88,22 @@ impl SqlHttp {
         self
     }
 
+    /// Also serves device shadows to the tenants' users (`/v1/devices/{id}/shadow…`) through `log`
+    /// (answering 503 while it is not connected).
+    pub fn with_shadows(mut self, log: ShadowLogHandle, limits: Limits) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.shadows = Some(log);
+            state.shadow_limits = limits;
+        }
+        self
+    }
+
     pub fn router(&self) -> Router {
         let openapi = self.state.openapi;
         let mut router = Router::new()
             .route("/v1/sql", post(sql))
             .merge(crate::incidents::routes())
+            .merge(crate::shadows::routes())
             .route("/healthz", get(|| async { "ok" }));
         if let Some(doc) = openapi {
             router = router.route(

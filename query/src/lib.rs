@@ -21,6 +21,7 @@ pub mod http;
 pub mod incidents;
 pub mod pg;
 pub mod service;
+pub mod shadows;
 pub mod snapshot_table;
 
 use std::sync::Arc;
@@ -133,22 +134,28 @@ pub fn lake_table_names(lake: &LakeConfig) -> Result<Vec<String>, QueryError> {
 }
 
 /// Tables the pipeline writes, registered even on object stores that cannot be listed cheaply.
-pub const KNOWN_TABLES: [&str; 6] = tributary_lake::tables::TABLES;
+pub const KNOWN_TABLES: [&str; 8] = tributary_lake::tables::TABLES;
 
 /// A DataFusion session as every engine of this crate runs it: filters evaluated while Parquet
 /// pages are decoded (selective predicates — one device, one hour — skip most of the other
 /// columns' decoding), `date_trunc` on UTC by arithmetic ([`functions::UtcDateTrunc`]), counts
-/// per partition from the files' row counts ([`count_from_statistics::CountFromStatistics`]).
+/// per partition from the files' row counts ([`count_from_statistics::CountFromStatistics`]), and
+/// JSON path functions over JSON text columns (`datafusion-functions-json`: `json_get_str(reported,
+/// 'firmware')`, `json_get_float`, `json_contains`, `reported->>'firmware'`, …) for the shadow
+/// tables' `desired`, `reported` and `delta`.
 pub fn engine_session(mut config: SessionConfig, runtime: Arc<RuntimeEnv>) -> SessionContext {
     let parquet = &mut config.options_mut().execution.parquet;
     parquet.pushdown_filters = true;
     parquet.reorder_filters = true;
-    let state = SessionStateBuilder::new()
+    let mut state = SessionStateBuilder::new()
         .with_config(config)
         .with_runtime_env(runtime)
         .with_default_features()
         .with_physical_optimizer_rule(Arc::new(count_from_statistics::CountFromStatistics))
         .build();
+    if let Err(e) = datafusion_functions_json::register_all(&mut state) {
+        tracing::error!(error = %e, "JSON functions not registered");
+    }
     let ctx = SessionContext::new_with_state(state);
     ctx.register_udf(functions::UtcDateTrunc::udf());
     ctx

@@ -354,6 +354,85 @@ pub struct DeadLetter {
     pub measurement: Option<i32>,
 }
 
+/// Who made a shadow update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShadowOrigin {
+    /// The device itself (MQTT, or HTTP with its token).
+    Device,
+    /// An app or operator (the query HTTP API, a tenant user).
+    App,
+}
+
+/// Topic `shadow-updates`: one shadow update request as received, before it is applied. Schema:
+/// `schemas/avro/shadow_update.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowUpdate {
+    pub request_id: String,
+    pub tenant: String,
+    pub device: String,
+    /// Empty for the classic shadow.
+    pub name: String,
+    pub origin: ShadowOrigin,
+    pub actor: String,
+    pub received_at: Micros,
+    /// The request body as received.
+    #[serde(with = "apache_avro::serde_avro_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// What the shadow stage answered to an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShadowResponseKind {
+    Accepted,
+    Rejected,
+    /// The shadow's delta changed (published to the device, retained).
+    Delta,
+}
+
+impl ShadowResponseKind {
+    /// The last segment of the MQTT topic it is published on.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowResponseKind::Accepted => "accepted",
+            ShadowResponseKind::Rejected => "rejected",
+            ShadowResponseKind::Delta => "delta",
+        }
+    }
+}
+
+/// Topic `shadow-responses`: the shadow stage's answer to one update. Schema:
+/// `schemas/avro/shadow_response.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowResponse {
+    pub request_id: String,
+    pub tenant: String,
+    pub device: String,
+    pub name: String,
+    pub kind: ShadowResponseKind,
+    pub status: i32,
+    pub version: i64,
+    pub at: Micros,
+    /// The JSON message (empty: the delta became empty).
+    pub body: String,
+}
+
+/// Topic `shadows` (compacted): the current document of one shadow. Schema:
+/// `schemas/avro/shadow_document.avsc`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShadowDocument {
+    pub tenant: String,
+    pub device: String,
+    pub name: String,
+    pub version: i64,
+    pub updated: Micros,
+    pub request_id: String,
+    pub origin: ShadowOrigin,
+    /// The document in AWS IoT's form (JSON).
+    pub document: String,
+}
+
 /// A record type carried on a topic: its schema, its fixed schema id, its provenance.
 pub trait TopicRecord: Serialize + DeserializeOwned {
     const NAME: &'static str;
@@ -432,6 +511,9 @@ impl SchemaId {
     pub const INCIDENT: u32 = 18;
     pub const INCIDENT_INPUT: u32 = 17;
     pub const INCIDENT_RULES_EVENT: u32 = 19;
+    pub const SHADOW_UPDATE: u32 = 20;
+    pub const SHADOW_RESPONSE: u32 = 21;
+    pub const SHADOW_DOCUMENT: u32 = 22;
 }
 
 topic_record!(
@@ -505,6 +587,25 @@ topic_record!(
     "IncidentRulesEvent",
     SchemaId::INCIDENT_RULES_EVENT,
     "incident_rules_event.avsc"
+);
+
+topic_record!(
+    ShadowUpdate,
+    "ShadowUpdate",
+    SchemaId::SHADOW_UPDATE,
+    "shadow_update.avsc"
+);
+topic_record!(
+    ShadowResponse,
+    "ShadowResponse",
+    SchemaId::SHADOW_RESPONSE,
+    "shadow_response.avsc"
+);
+topic_record!(
+    ShadowDocument,
+    "ShadowDocument",
+    SchemaId::SHADOW_DOCUMENT,
+    "shadow_document.avsc"
 );
 
 impl Derived for Reading {
@@ -949,5 +1050,58 @@ mod tests {
             let bytes = encode(&input).unwrap();
             assert_eq!(decode::<IncidentInput>(&bytes).unwrap(), input);
         }
+    }
+
+    #[test]
+    fn shadow_records_round_trip_with_every_field() {
+        let update = ShadowUpdate {
+            request_id: "r-1".into(),
+            tenant: "acme".into(),
+            device: "d1".into(),
+            name: "firmware".into(),
+            origin: ShadowOrigin::App,
+            actor: "ops".into(),
+            received_at: i64::MIN,
+            body: br#"{"state":{"desired":{"a":1}}}"#.to_vec(),
+        };
+        let bytes = encode(&update).unwrap();
+        assert_eq!(&bytes[1..5], &SchemaId::SHADOW_UPDATE.to_be_bytes());
+        assert_eq!(decode::<ShadowUpdate>(&bytes).unwrap(), update);
+        for kind in [
+            ShadowResponseKind::Accepted,
+            ShadowResponseKind::Rejected,
+            ShadowResponseKind::Delta,
+        ] {
+            let response = ShadowResponse {
+                request_id: "r-1".into(),
+                tenant: "acme".into(),
+                device: "d1".into(),
+                name: String::new(),
+                kind,
+                status: 409,
+                version: i64::MAX,
+                at: 7,
+                body: "{}".into(),
+            };
+            assert_eq!(
+                decode::<ShadowResponse>(&encode(&response).unwrap()).unwrap(),
+                response
+            );
+        }
+        let doc = ShadowDocument {
+            tenant: "acme".into(),
+            device: "d1".into(),
+            name: String::new(),
+            version: 3,
+            updated: 9,
+            request_id: "r-1".into(),
+            origin: ShadowOrigin::Device,
+            document: r#"{"state":{}}"#.into(),
+        };
+        assert_eq!(
+            decode::<ShadowDocument>(&encode(&doc).unwrap()).unwrap(),
+            doc
+        );
+        assert!(decode::<ShadowDocument>(&encode(&update).unwrap()).is_err());
     }
 }

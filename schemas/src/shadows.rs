@@ -19,12 +19,14 @@
 //! Limits ([`Limits`]): nesting depth below `state.desired` / `state.reported`, and the size of
 //! the whole document as JSON; a request past them is refused whole, naming the field.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::Micros;
+use crate::avro::{ShadowDocument, ShadowOrigin, ShadowResponse, ShadowUpdate};
 
 /// The name of the classic (unnamed) shadow.
 pub const CLASSIC: &str = "";
@@ -68,6 +70,44 @@ impl Default for Limits {
     }
 }
 
+/// `[shadows]` in the config file: what the shadow stage and the shadow endpoints share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShadowConfig {
+    /// Largest document, in bytes (state and metadata as JSON); an update past it gets 413.
+    pub max_bytes: usize,
+    /// Deepest nesting below `state.desired` / `state.reported`; deeper gets 400.
+    pub max_depth: usize,
+    /// How long an HTTP update waits for the shadow stage's answer before it gets 503 (the update
+    /// is logged and will be applied).
+    pub answer_timeout_ms: u64,
+    pub batch_size: usize,
+    /// How long the stage waits for more updates before it answers a batch.
+    pub batch_ms: u64,
+}
+
+impl Default for ShadowConfig {
+    fn default() -> Self {
+        let limits = Limits::default();
+        Self {
+            max_bytes: limits.max_bytes,
+            max_depth: limits.max_depth,
+            answer_timeout_ms: 10_000,
+            batch_size: 1000,
+            batch_ms: 5,
+        }
+    }
+}
+
+impl ShadowConfig {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_bytes: self.max_bytes,
+            max_depth: self.max_depth,
+        }
+    }
+}
+
 /// A request that cannot be applied, naming the field (`state.desired.a.b`, `version`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ShadowError {
@@ -87,6 +127,15 @@ impl ShadowError {
         Self::Invalid {
             field: field.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// The HTTP status of the refusal: 400, 409 or 413.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::Invalid { .. } => 400,
+            Self::VersionConflict { .. } => 409,
+            Self::TooLarge { .. } => 413,
         }
     }
 
@@ -634,6 +683,389 @@ fn aws_metadata(times: &Map<String, Value>) -> Value {
     )
 }
 
+/// The key of a shadow on `shadow-updates`, `shadow-responses`, `shadows` and in the shadow stage's
+/// state: `tenant/device/name` (ids and names hold no `/`; the classic shadow's name is empty).
+pub fn key(tenant: &str, device: &str, name: &str) -> String {
+    format!("{tenant}/{device}/{name}")
+}
+
+/// A shadow name: 1 to 64 of `[A-Za-z0-9._-]` (safe in MQTT topics and paths), or the classic
+/// shadow's empty name.
+pub fn check_name(name: &str) -> Result<(), ShadowError> {
+    let ok = name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ShadowError::invalid(
+            "name",
+            "a shadow name is 1 to 64 of A-Z a-z 0-9 . _ -",
+        ))
+    }
+}
+
+/// Checks a request an endpoint received from `origin` before it is logged: the body parses
+/// within `limits`, and an app sets only `desired` (the device owns `reported`; a device may set
+/// both, e.g. clear `desired` once applied). The refusal names the field.
+pub fn check_request(
+    body: &[u8],
+    origin: ShadowOrigin,
+    limits: &Limits,
+) -> Result<Update, ShadowError> {
+    let update = Update::parse(body, limits)?;
+    if origin == ShadowOrigin::App && update.reported.is_some() {
+        return Err(ShadowError::invalid(
+            "state.reported",
+            "only the device reports its state; apps set `state.desired`",
+        ));
+    }
+    if update.desired.is_none() && update.reported.is_none() {
+        return Err(ShadowError::invalid(
+            "state",
+            "an update sets `state.desired` or `state.reported`",
+        ));
+    }
+    Ok(update)
+}
+
+/// The message of a refused update, as AWS IoT publishes it on `…/update/rejected`.
+pub fn rejection(error: &ShadowError, client_token: Option<&str>, at: Micros) -> Value {
+    let mut m = Map::new();
+    m.insert("code".into(), error.status().into());
+    m.insert("message".into(), error.to_string().into());
+    m.insert("field".into(), error.field().into());
+    m.insert("timestamp".into(), seconds(at).into());
+    if let Some(t) = client_token {
+        m.insert("clientToken".into(), t.into());
+    }
+    Value::Object(m)
+}
+
+/// The message of an accepted update, as AWS IoT publishes it on `…/update/accepted`: the
+/// request's state, the shadow's version after it, the time, and the `clientToken`.
+pub fn acceptance(update: &Update, version: u64, at: Micros) -> Value {
+    let mut state = Map::new();
+    for (section, patch) in [
+        (Section::Desired, &update.desired),
+        (Section::Reported, &update.reported),
+    ] {
+        match patch {
+            Some(Patch::Merge(m)) => {
+                state.insert(section.as_str().into(), Value::Object(m.clone()));
+            }
+            Some(Patch::Clear) => {
+                state.insert(section.as_str().into(), Value::Null);
+            }
+            None => {}
+        }
+    }
+    let mut m = Map::new();
+    m.insert("state".into(), Value::Object(state));
+    m.insert("version".into(), version.into());
+    m.insert("timestamp".into(), seconds(at).into());
+    if let Some(t) = &update.client_token {
+        m.insert("clientToken".into(), t.as_str().into());
+    }
+    Value::Object(m)
+}
+
+/// The message of `shadow`'s delta, as AWS IoT publishes it on `…/update/delta`; `None` when
+/// the delta is empty (the device has what was desired).
+pub fn delta_message(shadow: &Shadow, client_token: Option<&str>, at: Micros) -> Option<Value> {
+    let delta = shadow.delta();
+    if delta.is_empty() {
+        return None;
+    }
+    let mut m = Map::new();
+    m.insert("state".into(), Value::Object(delta));
+    m.insert("version".into(), shadow.version.into());
+    m.insert("timestamp".into(), seconds(at).into());
+    if let Some(t) = client_token {
+        m.insert("clientToken".into(), t.into());
+    }
+    Some(Value::Object(m))
+}
+
+/// Every shadow's current document in memory, followed from the compacted `shadows` topic: what
+/// `GET /v1/devices/{id}/shadow` serves at constant time.
+#[derive(Debug, Default)]
+pub struct ShadowView {
+    docs: RwLock<HashMap<String, Arc<ShadowDocument>>>,
+    /// Woken at every change, for a writer waiting to read its own write.
+    changed: tokio::sync::Notify,
+}
+
+impl ShadowView {
+    /// Applies a record of `shadows` (`None`: a tombstone of `key`).
+    pub fn apply(&self, key: &str, doc: Option<ShadowDocument>) {
+        {
+            let mut docs = self.docs.write().unwrap_or_else(|e| e.into_inner());
+            match doc {
+                // The topic may be read again from an earlier point: never go back a version.
+                Some(d) => match docs.get(key) {
+                    Some(old) if old.version > d.version => {}
+                    _ => {
+                        docs.insert(key.to_owned(), Arc::new(d));
+                    }
+                },
+                None => {
+                    docs.remove(key);
+                }
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub fn get(&self, tenant: &str, device: &str, name: &str) -> Option<Arc<ShadowDocument>> {
+        let docs = self.docs.read().unwrap_or_else(|e| e.into_inner());
+        docs.get(&key(tenant, device, name)).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.docs.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits (at most `wait`) until the view holds `version` or later of the shadow: a writer
+    /// answered by the stage reads its own write.
+    pub async fn wait_for(
+        &self,
+        tenant: &str,
+        device: &str,
+        name: &str,
+        version: i64,
+        wait: std::time::Duration,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.changed.notified();
+            if self
+                .get(tenant, device, name)
+                .is_some_and(|d| d.version >= version)
+            {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
+/// Why an update could not be logged or answered (HTTP 503: retry).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShadowLogError {
+    #[error("the shadow log is unavailable: {0}")]
+    Unavailable(String),
+    #[error(
+        "the shadow stage did not answer within {0:?}; the update is logged and will be applied"
+    )]
+    NoAnswer(std::time::Duration),
+}
+
+/// Where endpoints record shadow updates and read shadows: the process hands one in (it writes
+/// `shadow-updates`, waits for the stage's answer on `shadow-responses`, and follows `shadows`),
+/// so the endpoint crates do not touch those topics.
+#[async_trait::async_trait]
+pub trait ShadowLog: Send + Sync {
+    /// Records `update` and waits for the shadow stage's answer to it.
+    async fn submit(&self, update: ShadowUpdate) -> Result<ShadowResponse, ShadowLogError>;
+    /// Records `update` (durable on return); the answer goes to the device over MQTT.
+    async fn record(&self, update: ShadowUpdate) -> Result<(), ShadowLogError>;
+    /// The current documents.
+    fn view(&self) -> &ShadowView;
+    /// The tenant of `device`, when the registry knows it (apps may set the desired state only
+    /// of their tenant's devices).
+    fn owner(&self, device: &str) -> Option<String>;
+    /// The stage's answers to publish to the devices, from now on until the receiver is dropped;
+    /// each answer goes to one of the publishers that asked (they share a consumer group).
+    fn deliveries(&self) -> Result<tokio::sync::mpsc::Receiver<ShadowResponse>, ShadowLogError>;
+}
+
+/// A [`ShadowLog`] that may not be connected yet: a query server starts serving SQL without
+/// Kafka and links to the shadow stage when it can; until then its shadow routes answer 503.
+#[derive(Clone, Default)]
+pub struct ShadowLogHandle(Arc<std::sync::OnceLock<Arc<dyn ShadowLog>>>);
+
+impl ShadowLogHandle {
+    /// A handle to a log that is connected already.
+    pub fn ready(log: Arc<dyn ShadowLog>) -> Self {
+        let handle = Self::default();
+        handle.set(log);
+        handle
+    }
+
+    /// Connects the handle (once; later calls change nothing).
+    pub fn set(&self, log: Arc<dyn ShadowLog>) {
+        let _ = self.0.set(log);
+    }
+
+    /// The log, once connected.
+    pub fn get(&self) -> Option<Arc<dyn ShadowLog>> {
+        self.0.get().cloned()
+    }
+}
+
+impl std::fmt::Debug for ShadowLogHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShadowLogHandle")
+            .field("connected", &self.0.get().is_some())
+            .finish()
+    }
+}
+
+/// What a device asks on a shadow topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttRequest {
+    /// `…/update`: an update of the shadow.
+    Update,
+    /// `…/get`: the current document, answered on `…/get/accepted` (or `…/get/rejected`).
+    Get,
+}
+
+/// The MQTT topic of a shadow's `suffix` (`update/accepted`, `get`, …):
+/// `devices/{id}/shadow/{suffix}`, or `devices/{id}/shadow/name/{name}/{suffix}` for a named one.
+pub fn mqtt_topic(device: &str, name: &str, suffix: &str) -> String {
+    if name.is_empty() {
+        format!("devices/{device}/shadow/{suffix}")
+    } else {
+        format!("devices/{device}/shadow/name/{name}/{suffix}")
+    }
+}
+
+/// The filters a bridge subscribes to for the devices' shadow requests.
+pub const MQTT_REQUEST_FILTERS: [&str; 4] = [
+    "devices/+/shadow/update",
+    "devices/+/shadow/get",
+    "devices/+/shadow/name/+/update",
+    "devices/+/shadow/name/+/get",
+];
+
+/// The device, shadow name and request of a shadow request topic; `None` for any other topic.
+pub fn parse_mqtt_topic(topic: &str) -> Option<(&str, &str, MqttRequest)> {
+    let parts: Vec<&str> = topic.split('/').collect();
+    let (device, name, op) = match parts.as_slice() {
+        ["devices", device, "shadow", op] => (*device, CLASSIC, *op),
+        ["devices", device, "shadow", "name", name, op] if !name.is_empty() => {
+            (*device, *name, *op)
+        }
+        _ => return None,
+    };
+    let request = match op {
+        "update" => MqttRequest::Update,
+        "get" => MqttRequest::Get,
+        _ => return None,
+    };
+    (!device.is_empty()).then_some((device, name, request))
+}
+
+/// What a shadow endpoint answers: an HTTP status, a JSON body, and for a 503 when to retry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after_secs: Option<u64>,
+}
+
+impl Answer {
+    fn refused(error: &ShadowError, at: Micros) -> Self {
+        Self {
+            status: error.status(),
+            body: rejection(error, None, at),
+            retry_after_secs: None,
+        }
+    }
+}
+
+/// The whole of an update endpoint, for the device's (ingest HTTP) and the apps' (query HTTP):
+/// checks the request (a JSON body: `content_type` absent or `application/json`), logs it, waits for the shadow stage's answer and hands it back.
+pub async fn update_endpoint(
+    log: &dyn ShadowLog,
+    limits: &Limits,
+    who: (&str, &str, ShadowOrigin, &str),
+    name: &str,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Answer {
+    let (tenant, device, origin, actor) = who;
+    let now = crate::now_micros();
+    let content_type = content_type.unwrap_or("application/json");
+    if content_type.split(';').next().map(str::trim) != Some("application/json") {
+        let mut m = Map::new();
+        let why = format!("content type `{content_type}` is not supported: use application/json");
+        m.insert("error".into(), why.into());
+        return Answer {
+            status: 415,
+            body: Value::Object(m),
+            retry_after_secs: None,
+        };
+    }
+    if let Err(e) = check_name(name).and_then(|()| check_request(body, origin, limits).map(|_| ()))
+    {
+        return Answer::refused(&e, now);
+    }
+    let update = ShadowUpdate {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        tenant: tenant.to_owned(),
+        device: device.to_owned(),
+        name: name.to_owned(),
+        origin,
+        actor: actor.to_owned(),
+        received_at: now,
+        body: body.to_vec(),
+    };
+    match log.submit(update).await {
+        Ok(answer) => Answer {
+            status: u16::try_from(answer.status).unwrap_or(500),
+            body: serde_json::from_str(&answer.body).unwrap_or(Value::Null),
+            retry_after_secs: None,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, device, "shadow update not answered");
+            let mut m = Map::new();
+            m.insert("error".into(), e.to_string().into());
+            Answer {
+                status: 503,
+                body: Value::Object(m),
+                retry_after_secs: Some(1),
+            }
+        }
+    }
+}
+
+/// The whole of a read endpoint: the shadow's current document, or 404 naming it.
+pub fn get_endpoint(view: &ShadowView, tenant: &str, device: &str, name: &str) -> Answer {
+    let found = view
+        .get(tenant, device, name)
+        .and_then(|d| serde_json::from_str::<Value>(&d.document).ok());
+    match found {
+        Some(body) => Answer {
+            status: 200,
+            body,
+            retry_after_secs: None,
+        },
+        None => {
+            let what = if name.is_empty() {
+                format!("device `{device}` has no shadow")
+            } else {
+                format!("device `{device}` has no shadow named `{name}`")
+            };
+            let mut m = Map::new();
+            m.insert("error".into(), what.into());
+            Answer {
+                status: 404,
+                body: Value::Object(m),
+                retry_after_secs: None,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -987,5 +1419,112 @@ mod tests {
                 (_, Some(Value::Number(_))) => true,
                 _ => false,
             })
+    }
+
+    #[test]
+    fn shadow_topics_name_the_device_the_shadow_and_the_request() {
+        assert_eq!(
+            mqtt_topic("d1", "", "update/delta"),
+            "devices/d1/shadow/update/delta"
+        );
+        assert_eq!(
+            mqtt_topic("d1", "fw", "update/accepted"),
+            "devices/d1/shadow/name/fw/update/accepted"
+        );
+        assert_eq!(
+            parse_mqtt_topic("devices/d1/shadow/update"),
+            Some(("d1", "", MqttRequest::Update))
+        );
+        assert_eq!(
+            parse_mqtt_topic("devices/d1/shadow/name/fw/get"),
+            Some(("d1", "fw", MqttRequest::Get))
+        );
+        for other in [
+            "devices/d1/telemetry",
+            "devices/d1/shadow/update/accepted",
+            "devices//shadow/update",
+            "devices/d1/shadow/name//update",
+            "devices/d1/shadow/delete",
+        ] {
+            assert_eq!(parse_mqtt_topic(other), None, "{other}");
+        }
+    }
+
+    fn doc(version: i64) -> ShadowDocument {
+        ShadowDocument {
+            tenant: "acme".into(),
+            device: "d1".into(),
+            name: String::new(),
+            version,
+            updated: version,
+            request_id: format!("r{version}"),
+            origin: ShadowOrigin::App,
+            document: format!(r#"{{"version":{version}}}"#),
+        }
+    }
+
+    #[test]
+    fn the_view_never_goes_back_a_version_and_wakes_a_waiting_writer() {
+        let view = Arc::new(ShadowView::default());
+        let k = key("acme", "d1", "");
+        view.apply(&k, Some(doc(2)));
+        view.apply(&k, Some(doc(1)));
+        assert_eq!(view.get("acme", "d1", "").map(|d| d.version), Some(2));
+        assert!(
+            view.get("other", "d1", "").is_none(),
+            "tenants do not share keys"
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let writer = view.clone();
+            let waiting = tokio::spawn(async move {
+                writer
+                    .wait_for("acme", "d1", "", 3, std::time::Duration::from_secs(5))
+                    .await
+            });
+            tokio::task::yield_now().await;
+            view.apply(&k, Some(doc(3)));
+            assert!(waiting.await.unwrap());
+            assert!(
+                !view
+                    .wait_for("acme", "d1", "", 9, std::time::Duration::from_millis(20))
+                    .await
+            );
+        });
+        view.apply(&k, None);
+        assert!(view.is_empty());
+    }
+
+    #[test]
+    fn endpoints_refuse_before_logging_naming_the_field() {
+        let limits = Limits::default();
+        let refused = |body: &str, origin| check_request(body.as_bytes(), origin, &limits);
+        let e = refused(r#"{"state":{"reported":{"a":1}}}"#, ShadowOrigin::App).unwrap_err();
+        assert_eq!(e.field(), "state.reported");
+        let e = refused(r#"{"state":{}}"#, ShadowOrigin::Device).unwrap_err();
+        assert_eq!((e.field(), e.status()), ("state", 400));
+        assert!(refused(r#"{"state":{"reported":{"a":1}}}"#, ShadowOrigin::Device).is_ok());
+        assert!(refused(r#"{"state":{"desired":null}}"#, ShadowOrigin::Device).is_ok());
+        assert_eq!(check_name("fw/../x").unwrap_err().field(), "name");
+        let r = rejection(
+            &ShadowError::VersionConflict {
+                expected: 1,
+                current: 2,
+            },
+            Some("t"),
+            3_000_000,
+        );
+        assert_eq!(
+            (&r["code"], &r["field"], &r["clientToken"], &r["timestamp"]),
+            (
+                &Value::from(409),
+                &Value::from("version"),
+                &Value::from("t"),
+                &Value::from(3)
+            )
+        );
     }
 }

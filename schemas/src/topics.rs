@@ -36,6 +36,16 @@ pub struct Topics {
     /// The alert delivery stage's state changelog, compacted, key = incident id: what each
     /// receiver has been told (internal to the stage).
     pub alert_state: String,
+    /// Every device shadow update request as received (device or app), before it is applied,
+    /// key = tenant/device/name, kept forever: with `raw`, the source of truth of shadows.
+    pub shadow_updates: String,
+    /// The shadow stage's answers (accepted, rejected, delta), key = tenant/device/name: published
+    /// to devices over MQTT and handed to the HTTP requests waiting for them.
+    pub shadow_responses: String,
+    /// The current document of each shadow, compacted, key = tenant/device/name.
+    pub shadows: String,
+    /// The shadow stage's state changelog, compacted (internal to the stage).
+    pub shadow_state: String,
 }
 
 impl Default for Topics {
@@ -54,6 +64,10 @@ impl Default for Topics {
             incidents: "incidents".into(),
             incident_state: "incident-state".into(),
             alert_state: "alert-state".into(),
+            shadow_updates: "shadow-updates".into(),
+            shadow_responses: "shadow-responses".into(),
+            shadows: "shadows".into(),
+            shadow_state: "shadow-state".into(),
         }
     }
 }
@@ -65,6 +79,8 @@ pub struct TopicSpec {
     pub partitions: i32,
     /// `cleanup.policy=compact` (latest value per key) rather than delete.
     pub compacted: bool,
+    /// `retention.ms=-1`: a source of truth (`raw`, `shadow-updates`), never expired.
+    pub keep_forever: bool,
 }
 
 impl Topics {
@@ -83,12 +99,15 @@ impl Topics {
             &self.anomalies,
             &self.incident_inputs,
             &self.incidents,
+            &self.shadow_updates,
+            &self.shadow_responses,
         ]
         .into_iter()
         .map(|name| TopicSpec {
             name: name.clone(),
             partitions,
             compacted: false,
+            keep_forever: *name == self.raw || *name == self.shadow_updates,
         })
         .collect();
         // Compacted, key = device / series: the latest record per key is the state. The
@@ -98,11 +117,14 @@ impl Topics {
             &self.anomaly_state,
             &self.incident_state,
             &self.alert_state,
+            &self.shadows,
+            &self.shadow_state,
         ] {
             specs.push(TopicSpec {
                 name: name.clone(),
                 partitions,
                 compacted: true,
+                keep_forever: false,
             });
         }
         // Few records (one per tenant), read whole by every cleanse, anomaly, incident and API
@@ -112,6 +134,7 @@ impl Topics {
                 name: name.clone(),
                 partitions: 1,
                 compacted: true,
+                keep_forever: false,
             });
         }
         specs

@@ -26,6 +26,7 @@ pub mod failures;
 pub mod incidents;
 pub mod labelled;
 pub mod runtime;
+pub mod shadows;
 
 /// Errors of the stream stages.
 #[derive(Debug, thiserror::Error)]

@@ -677,9 +677,10 @@ pub fn request(
             .bearer_auth(token)
             .header("content-type", content_type)
             .body(body.to_owned())
+            .timeout(Duration::from_secs(60))
             .send()
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
         let status = r.status().as_u16();
         (status, r.json::<Value>().await.unwrap_or(Value::Null))
     })
@@ -723,7 +724,8 @@ pub fn try_mqtt_publish_as(
 ) -> Result<Vec<PubAckReason>, String> {
     let mut opts = MqttOptions::new(format!("test-{user}"), "127.0.0.1", port);
     opts.set_credentials(user, password);
-    let (client, mut conn) = Client::new(opts, 100);
+    // Every publish is queued before the connection is polled: room for all of them.
+    let (client, mut conn) = Client::new(opts, payloads.len() + 10);
     for p in payloads {
         let bytes = p.clone().into_bytes();
         match content_type {

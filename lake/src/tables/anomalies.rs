@@ -23,6 +23,7 @@ static MERGE: MergeSpec = MergeSpec {
     delete_when: None,
     // Matched: already there, nothing to change.
     update: Some(&[]),
+    update_when: None,
     insert_when: None,
 };
 

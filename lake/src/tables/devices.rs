@@ -31,6 +31,7 @@ static MERGE: MergeSpec = MergeSpec {
     on: "target.device = source.device",
     delete_when: Some("source.deleted"),
     update: None,
+    update_when: None,
     insert_when: Some("NOT source.deleted"),
 };
 

@@ -21,6 +21,7 @@ static MERGE: MergeSpec = MergeSpec {
     on: "target.tenant = source.tenant AND target.day = source.day AND target.incident_id = source.incident_id AND target.seq = source.seq",
     delete_when: None,
     update: Some(&[]),
+    update_when: None,
     insert_when: None,
 };
 

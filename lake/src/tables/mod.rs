@@ -7,7 +7,10 @@
 //! - [`devices`]: the device registry's current state (topic `registry`), one row per device, merged;
 //! - [`anomalies`], [`incidents`]: lifecycle records (topics `anomalies`, `incidents`), merged
 //!   (inserted when absent), partitioned by tenant and day;
-//! - [`usage`]: events and bytes received per tenant, device and hour (topic `raw`), merged (added).
+//! - [`usage`]: events and bytes received per tenant, device and hour (topic `raw`), merged (added);
+//! - [`shadows`]: device shadows (topic `shadows`): `shadows` as they are now (merged, newest
+//!   version wins) and `shadow_history`, every version with its validity (merged, inserted when
+//!   absent), partitioned by tenant.
 //!
 //! Timestamps are UTC microseconds (`timestamp`, not `timestamp_ntz`, so every Delta reader can read
 //! them); lists and maps use Delta's field names (`element`, `key_value`/`key`/`value`) so what is
@@ -28,17 +31,20 @@ pub mod anomalies;
 pub mod deadletter;
 pub mod devices;
 pub mod incidents;
+pub mod shadows;
 pub mod telemetry;
 pub mod usage;
 
 /// Every table the pipeline writes, by name.
-pub const TABLES: [&str; 6] = [
+pub const TABLES: [&str; 8] = [
     <tributary_schemas::Reading as LakeRow>::TABLE,
     <tributary_schemas::avro::Anomaly as LakeRow>::TABLE,
     <tributary_schemas::avro::Incident as LakeRow>::TABLE,
     <tributary_schemas::DeadLetter as LakeRow>::TABLE,
     <devices::DeviceState as LakeRow>::TABLE,
     <usage::UsageEvent as LakeRow>::TABLE,
+    <shadows::ShadowRow as LakeRow>::TABLE,
+    <shadows::ShadowVersion as LakeRow>::TABLE,
 ];
 
 /// How a table takes a batch of rows.
@@ -60,6 +66,8 @@ pub struct MergeSpec {
     pub delete_when: Option<&'static str>,
     /// Matched rows get these columns set; `None`: every table column from `source`.
     pub update: Option<&'static [(&'static str, &'static str)]>,
+    /// Matched rows are updated only where this holds (always when `None`).
+    pub update_when: Option<&'static str>,
     /// Unmatched batch rows are inserted where this holds (always when `None`).
     pub insert_when: Option<&'static str>,
 }

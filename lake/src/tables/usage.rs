@@ -40,6 +40,7 @@ static MERGE: MergeSpec = MergeSpec {
         ("events", "target.events + source.events"),
         ("bytes", "target.bytes + source.bytes"),
     ]),
+    update_when: None,
     insert_when: None,
 };
 
