@@ -173,6 +173,13 @@ pub async fn open_table(lake: &LakeConfig, table: &str) -> Result<DeltaTable, La
             url: url.to_string(),
             reason: format!("cannot create the table directory: {e}"),
         })?;
+        if !dir.join("_delta_log").is_dir() {
+            // No table yet (version `None`): not loaded, so the kernel logs no error for a log
+            // that is not there.
+            return Ok(deltalake::DeltaTableBuilder::from_url(url)?
+                .with_storage_options(lake.storage_options.clone())
+                .build()?);
+        }
     }
     Ok(DeltaTable::try_from_url_with_storage_options(url, lake.storage_options.clone()).await?)
 }
