@@ -65,6 +65,19 @@ fn next_on(stack: &Stack, rx: &mpsc::Receiver<Received>, topic: &str) -> Receive
     }
 }
 
+/// `get()` every 300 ms until `done` holds of what it gave or `timeout` passed; the last value
+/// (the caller asserts on it, with the context it has).
+fn poll<T>(timeout: Duration, mut get: impl FnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = get();
+        if done(&value) || Instant::now() >= deadline {
+            return value;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn shadows_follow_devices_and_apps_with_exact_versions_across_a_crash() {
     let mut stack = Stack::start(9, &[]);
@@ -504,19 +517,16 @@ role = "engineer"
     stage = stack.spawn_stages(&["shadows"], "shadows-2", &[]);
     stage_ready("shadows-2");
     let last = 401;
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let (_, doc) = request("GET", &ingest(&d2, ""), &token(2), "application/json", "");
-        if doc["version"].as_i64() >= Some(last) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "not every update applied after the crash: {doc}\n{}",
-            stack.logs()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let (_, doc) = poll(
+        Duration::from_secs(90),
+        || request("GET", &ingest(&d2, ""), &token(2), "application/json", ""),
+        |(_, doc)| doc["version"].as_i64() >= Some(last),
+    );
+    assert!(
+        doc["version"].as_i64() >= Some(last),
+        "not every update applied after the crash: {doc}\n{}",
+        stack.logs()
+    );
     std::thread::sleep(Duration::from_secs(2));
     // The log holds each report once, in the order the device sent them; the app's update is
     // somewhere among them (Mosquitto acknowledged the device's publishes before the bridge
@@ -594,14 +604,11 @@ role = "engineer"
     let history = format!(
         "SELECT version, request_id, valid_from, valid_to FROM shadow_history WHERE device = '{d2}' AND name = '' ORDER BY version"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let rows = loop {
-        let rows = sql(APP, &history);
-        if rows.len() >= 401 || Instant::now() > deadline {
-            break rows;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let rows = poll(
+        Duration::from_secs(120),
+        || sql(APP, &history),
+        |rows| rows.len() >= 401,
+    );
     let got: Vec<(i64, String)> = rows
         .iter()
         .map(|r| {
@@ -643,19 +650,12 @@ role = "engineer"
         json!({"device": d0, "version": 3, "firmware": "2.3", "pending": "2.5"}),
         json!({"device": d2, "version": 401, "n": 399}),
     ];
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let rows = sql(APP, &current);
-        if rows == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "shadows table: {rows:?}\n{}",
-            stack.log("lake")
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let rows = poll(
+        Duration::from_secs(60),
+        || sql(APP, &current),
+        |rows| *rows == want,
+    );
+    assert_eq!(rows, want, "shadows table\n{}", stack.log("lake"));
     let named = sql(
         APP,
         &format!(

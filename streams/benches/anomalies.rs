@@ -15,9 +15,7 @@
 //! State: the heap bytes (counted by the allocator) and the changelog bytes of one series under
 //! one spike detector, at scale.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
 use tributary_schemas::Reading;
@@ -25,30 +23,10 @@ use tributary_schemas::avro::{decode, encode};
 use tributary_streams::anomaly::{AnomalyConfig, Detection};
 use tributary_streams::runtime::COMMIT_EVERY;
 
-/// Counts live heap bytes.
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+mod heap;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: heap::Counting = heap::Counting;
 
 const T0: i64 = 1_795_000_000_000_000;
 
@@ -157,7 +135,7 @@ fn main() {
     // State at scale: one spike detector (the largest memory of the kinds but trend's) per series.
     let one = config("[detectors.jump]\nmetric = 'temperature'\nkind = 'spike'\n");
     let catalog = Arc::new(one.catalog(None).expect("catalog"));
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = heap::live();
     let mut detection = Detection::new(catalog, &one, "bench-state");
     detection.start_empty(0);
     for i in 0..state_series * 2 {
@@ -168,12 +146,12 @@ fn main() {
         }
     }
     detection.changelog().expect("changelog");
-    let heap = (LIVE.load(Ordering::Relaxed) - before).max(0) as f64;
-    let per_series = heap / state_series as f64;
+    let held = (heap::live() - before).max(0) as f64;
+    let per_series = held / state_series as f64;
     println!(
         "state: {} series under a spike detector: {:.0} MiB heap, {:.0} bytes per series; 1 M series ≈ {:.2} GiB",
         detection.series(0),
-        heap / (1u64 << 20) as f64,
+        held / (1u64 << 20) as f64,
         per_series,
         per_series * 1e6 / (1u64 << 30) as f64
     );

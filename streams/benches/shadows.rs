@@ -17,8 +17,6 @@
 //! the heap it holds (counted by the allocator), then random reads through `get_endpoint` (what
 //! the HTTP handler calls: the lookup and the document parsed for the response) timed one by one.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tributary_schemas::avro::{ShadowDocument, ShadowOrigin, ShadowUpdate, decode, encode};
@@ -27,30 +25,10 @@ use tributary_schemas::shadows::{self, Limits, Shadow, ShadowConfig, ShadowView}
 use tributary_streams::runtime::{COMMIT_EVERY, Position, Stage};
 use tributary_streams::shadows::{ShadowRun, apply};
 
-/// Counts live heap bytes.
-struct Counting;
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
+mod heap;
 
 #[global_allocator]
-static ALLOCATOR: Counting = Counting;
+static ALLOCATOR: heap::Counting = heap::Counting;
 
 const T0: i64 = 1_795_000_000_000_000;
 
@@ -171,13 +149,13 @@ fn main() {
         last.expect("a document")
     };
     let sample = document(0);
-    let before = LIVE.load(Ordering::Relaxed);
+    let before = heap::live();
     let view = ShadowView::default();
     for d in 0..view_shadows {
         let doc = document(d);
         view.apply(&shadows::key(&doc.tenant, &doc.device, ""), Some(doc));
     }
-    let heap = (LIVE.load(Ordering::Relaxed) - before).max(0) as f64;
+    let held = (heap::live() - before).max(0) as f64;
     let reads = 200_000usize;
     let mut latencies = Vec::with_capacity(reads);
     let mut ok = 0usize;
@@ -199,10 +177,10 @@ fn main() {
     println!(
         "view: {} shadows, {:.0} MiB heap, {:.0} bytes per shadow (document {} bytes of JSON); 1 M shadows ≈ {:.2} GiB",
         view.len(),
-        heap / (1u64 << 20) as f64,
-        heap / view_shadows as f64,
+        held / (1u64 << 20) as f64,
+        held / view_shadows as f64,
         sample.document.len(),
-        heap / view_shadows as f64 * 1e6 / (1u64 << 30) as f64
+        held / view_shadows as f64 * 1e6 / (1u64 << 30) as f64
     );
     println!(
         "  GET (get_endpoint) of {reads} random shadows: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs",

@@ -206,14 +206,35 @@ pub fn stage_failure(
     deadletter: &Arc<str>,
     deadletter_partitions: i32,
 ) -> Vec<Emit> {
-    let dead = DeadLetter {
+    let reason = format!("the {stage} stage failed on this record: {error}");
+    let dead = input_dead_letter(
+        stage,
+        containment::STAGE_FAILURE,
+        reason,
+        at,
+        record,
+        subject,
+    );
+    emit_dead_letter(&dead, at.partition, deadletter, deadletter_partitions)
+}
+
+/// The dead letter of one input record of `stage`, kept whole with its position.
+pub fn input_dead_letter(
+    stage: &str,
+    rule: &str,
+    reason: String,
+    at: Position<'_>,
+    record: &[u8],
+    subject: Subject,
+) -> DeadLetter {
+    DeadLetter {
         tenant: subject.tenant,
         device: subject.device,
         event_id: subject.event_id,
         stage: stage.into(),
-        rule: containment::STAGE_FAILURE.into(),
+        rule: rule.into(),
         field: None,
-        reason: format!("the {stage} stage failed on this record: {error}"),
+        reason,
         source_topic: at.topic.to_owned(),
         source_partition: at.partition,
         source_offset: at.offset,
@@ -221,12 +242,22 @@ pub fn stage_failure(
         received_at: at.written_at,
         original: record.to_vec(),
         measurement: None,
-    };
-    let partition = dead_letter_partition(at.partition, deadletter_partitions);
-    match Emit::record(deadletter, partition, &dead.device, &dead) {
+    }
+}
+
+/// `dead` to the dead-letter partition of input partition `partition` (none when it cannot be
+/// encoded, which is logged).
+pub fn emit_dead_letter(
+    dead: &DeadLetter,
+    partition: i32,
+    deadletter: &Arc<str>,
+    deadletter_partitions: i32,
+) -> Vec<Emit> {
+    let partition = dead_letter_partition(partition, deadletter_partitions);
+    match Emit::record(deadletter, partition, &dead.device, dead) {
         Ok(e) => vec![e],
         Err(e) => {
-            tracing::error!(error = %e, "the stage_failure dead letter could not be encoded");
+            tracing::error!(error = %e, rule = %dead.rule, "a dead letter could not be encoded");
             Vec::new()
         }
     }

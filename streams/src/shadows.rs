@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
-use tributary_schemas::DeadLetter;
 use tributary_schemas::avro::{
     self, ShadowDocument, ShadowResponse, ShadowResponseKind, ShadowUpdate,
 };
@@ -179,26 +178,16 @@ impl ShadowRun {
 
     fn undecodable(&mut self, at: Position<'_>, record: &[u8], error: &str) -> Vec<Emit> {
         self.undecodable += 1;
-        let dead = DeadLetter {
-            tenant: String::new(),
-            device: String::new(),
-            event_id: None,
-            stage: STAGE.into(),
-            rule: "undecodable".into(),
-            field: None,
-            reason: format!("not a ShadowUpdate record: {error}"),
-            source_topic: at.topic.to_owned(),
-            source_partition: at.partition,
-            source_offset: at.offset,
-            source_index: 0,
-            received_at: at.written_at,
-            original: record.to_vec(),
-            measurement: None,
-        };
-        let partition = runtime::dead_letter_partition(at.partition, self.deadletter_parts);
-        Emit::record(&self.deadletter, partition, "", &dead)
-            .map(|e| vec![e])
-            .unwrap_or_default()
+        let reason = format!("not a ShadowUpdate record: {error}");
+        let dead = runtime::input_dead_letter(
+            STAGE,
+            "undecodable",
+            reason,
+            at,
+            record,
+            runtime::Subject::default(),
+        );
+        runtime::emit_dead_letter(&dead, at.partition, &self.deadletter, self.deadletter_parts)
     }
 }
 
