@@ -157,12 +157,7 @@ async fn update(
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let a = shadows::update_endpoint(log.as_ref(), &limits, who, name, content_type, body).await;
-    if a.status == 400 && a.body["field"] == "state.reported" {
-        // Reported state is the device's: a permission, not a malformed request.
-        return answer(Answer { status: 403, ..a });
-    }
-    answer(a)
+    answer(shadows::update_endpoint(log.as_ref(), &limits, who, name, content_type, body).await)
 }
 
 async fn get_classic(

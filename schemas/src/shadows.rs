@@ -120,6 +120,9 @@ pub enum ShadowError {
     /// The document would pass `max_bytes` (HTTP 413): nothing applied.
     #[error("state: the document would be {bytes} bytes, more than the limit of {limit}")]
     TooLarge { bytes: usize, limit: usize },
+    /// The caller may not set this field (HTTP 403): an app setting `state.reported`.
+    #[error("{field}: {reason}")]
+    Forbidden { field: String, reason: String },
 }
 
 impl ShadowError {
@@ -130,10 +133,11 @@ impl ShadowError {
         }
     }
 
-    /// The HTTP status of the refusal: 400, 409 or 413.
+    /// The HTTP status of the refusal: 400, 403, 409 or 413.
     pub fn status(&self) -> u16 {
         match self {
             Self::Invalid { .. } => 400,
+            Self::Forbidden { .. } => 403,
             Self::VersionConflict { .. } => 409,
             Self::TooLarge { .. } => 413,
         }
@@ -142,7 +146,7 @@ impl ShadowError {
     /// The field the error is about.
     pub fn field(&self) -> &str {
         match self {
-            Self::Invalid { field, .. } => field,
+            Self::Invalid { field, .. } | Self::Forbidden { field, .. } => field,
             Self::VersionConflict { .. } => "version",
             Self::TooLarge { .. } => "state",
         }
@@ -716,10 +720,10 @@ pub fn check_request(
 ) -> Result<Update, ShadowError> {
     let update = Update::parse(body, limits)?;
     if origin == ShadowOrigin::App && update.reported.is_some() {
-        return Err(ShadowError::invalid(
-            "state.reported",
-            "only the device reports its state; apps set `state.desired`",
-        ));
+        return Err(ShadowError::Forbidden {
+            field: "state.reported".into(),
+            reason: "only the device reports its state; apps set `state.desired`".into(),
+        });
     }
     if update.desired.is_none() && update.reported.is_none() {
         return Err(ShadowError::invalid(
@@ -1503,7 +1507,7 @@ mod tests {
         let limits = Limits::default();
         let refused = |body: &str, origin| check_request(body.as_bytes(), origin, &limits);
         let e = refused(r#"{"state":{"reported":{"a":1}}}"#, ShadowOrigin::App).unwrap_err();
-        assert_eq!(e.field(), "state.reported");
+        assert_eq!((e.field(), e.status()), ("state.reported", 403));
         let e = refused(r#"{"state":{}}"#, ShadowOrigin::Device).unwrap_err();
         assert_eq!((e.field(), e.status()), ("state", 400));
         assert!(refused(r#"{"state":{"reported":{"a":1}}}"#, ShadowOrigin::Device).is_ok());
